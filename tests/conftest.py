@@ -1,0 +1,36 @@
+"""Test fixtures shared by the whole suite.
+
+Every test starts from an empty Pyro parameter store and a fixed seed, so tests are independent of their order.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyro
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pyro_state():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+def shared_directory() -> Path | None:
+    """Locate the shared data folder: ``$PPVI_SHARED``, else ``../shared`` beside the repository root."""
+    candidate = os.environ.get("PPVI_SHARED")
+    path = Path(candidate) if candidate else Path(__file__).resolve().parents[1].parent / "shared"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    """The shared data folder; tests that need it skip, saying why, only when it is absent."""
+    path = shared_directory()
+    if path is None:
+        pytest.skip("shared data folder not found: set PPVI_SHARED or place it at ../shared beside the repo")
+    return path
