@@ -1,0 +1,11 @@
+"""ppvi: variational inference you can trust, on Pyro.
+
+``ppvi.fit(model, *data, guide="meanfield")`` fits; the result samples, summarises, saves, converts to ArviZ.
+"""
+
+from ppvi.convergence import StoppingRule
+from ppvi.fit import Fit, NonFiniteELBOError, fit
+from ppvi.guides import GUIDES, GuideSpec
+from ppvi.serialization import load
+
+__all__ = ["GUIDES", "Fit", "GuideSpec", "NonFiniteELBOError", "StoppingRule", "fit", "load"]

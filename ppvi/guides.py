@@ -1,0 +1,358 @@
+"""The guide registry and the guide families behind it.
+
+Every registered family except ``"map"`` is an ADVI-style guide (Kucukelbir et al. 2017, "Automatic
+differentiation variational inference", JMLR 18): all latent sites are mapped to one flat unconstrained vector
+``z`` and a distribution is placed on ``z``. Pyro's :class:`~pyro.infer.autoguide.AutoContinuous` owns the
+flattening and the constraints; :class:`PreconditionedGuide` adds one thing to it, a fixed affine
+*preconditioner*
+
+.. math::
+
+    z = m_0 + S_0 w, \\qquad w \\sim q_\\phi(w),
+
+where ``m_0`` and ``S_0`` come from a Laplace approximation at the posterior mode (see
+:mod:`ppvi.initialization`) and each family supplies only ``q_phi``, initialised at the identity (``w ~ N(0, I)``).
+The optimiser then works in coordinates where the posterior is close to a standard normal, so one learning rate
+suits every model however badly scaled or correlated its parameters are (an un-centred regression predictor, say).
+Mean-field and low-rank families take the diagonal of the preconditioner only, so they stay what their name says.
+
+The registry :data:`GUIDES` maps a name to a :class:`GuideSpec`; add your own with ``GUIDES["name"] = GuideSpec(...)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.distributions.transforms import affine_autoregressive
+from pyro.infer.autoguide import AutoContinuous, AutoDelta, AutoGuide
+from pyro.infer.autoguide.guides import prototype_hide_fn
+from pyro.infer.autoguide.initialization import init_to_median
+from pyro.nn import PyroParam
+from torch import nn
+
+PreconditionerStructure = Literal["full", "diagonal"]
+
+#: Initial scale of every unconstrained coordinate when no Laplace start is available; Pyro's own default,
+#: small enough that the first steps do not sample absurd values from a poorly initialised guide.
+DEFAULT_INIT_SCALE = 0.1
+
+
+def _hide_enumerated(message: dict) -> bool:
+    """Hide enumerated discrete sites from the prototype too: the ELBO sums them out, the guide never sees them."""
+    return prototype_hide_fn(message) or message.get("infer", {}).get("enumerate") is not None
+
+
+class PreconditionedGuide(AutoContinuous):
+    """Base class: an ADVI guide over the flat unconstrained latent vector with a fixed affine preconditioner.
+
+    Subclasses set :attr:`preconditioner_structure` and implement :meth:`_setup_family` (create the family's
+    parameters so that ``q_phi`` starts at ``N(0, I)``) and :meth:`get_posterior` (the distribution of ``z``).
+
+    Parameters
+    ----------
+    model : callable
+        The Pyro model.
+    init_loc_fn : callable
+        Per-site initialisation used before any Laplace start (Pyro's ``init_to_median``, which falls back to a
+        feasible point for improper priors that cannot be sampled).
+    init_scale : float
+        Scale of every unconstrained coordinate until :meth:`set_preconditioner` is called.
+    """
+
+    preconditioner_structure: PreconditionerStructure = "full"
+    _prototype_hide_fn = staticmethod(_hide_enumerated)
+
+    def __init__(
+        self, model: Callable, *, init_loc_fn: Callable = init_to_median, init_scale: float = DEFAULT_INIT_SCALE
+    ):
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be positive, got {init_scale}")
+        self._init_scale = float(init_scale)
+        self._fixed_latent: torch.Tensor | None = None
+        super().__init__(model, init_loc_fn=init_loc_fn)
+
+    # -- prototype and preconditioner ---------------------------------------------------------------------------
+    def _setup_prototype(self, *args, **kwargs) -> None:
+        super()._setup_prototype(*args, **kwargs)
+        loc = self._init_loc()
+        self.register_buffer("preconditioner_loc", loc)
+        if self.preconditioner_structure == "full":
+            self.register_buffer("preconditioner_scale", torch.eye(self.latent_dim).to(loc) * self._init_scale)
+        else:
+            self.register_buffer("preconditioner_scale", torch.full_like(loc, self._init_scale))
+        self._setup_family(loc)
+
+    def _setup_family(self, prototype: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def set_preconditioner(self, loc: torch.Tensor, precision: torch.Tensor) -> None:
+        """Centre the guide on ``loc`` with the Gaussian of precision matrix ``precision`` as its starting shape.
+
+        A ``"full"`` preconditioner is the Cholesky factor of ``precision^{-1}``; a ``"diagonal"`` one is
+        ``1 / sqrt(diag(precision))``, which is the mean-field optimum of KL(q || p) for a Gaussian target
+        (Bishop 2006, PRML, section 10.1.2), not the marginal standard deviation.
+        """
+        with torch.no_grad():
+            self.preconditioner_loc.copy_(loc)
+            if self.preconditioner_structure == "full":
+                covariance = torch.cholesky_inverse(torch.linalg.cholesky(precision))
+                self.preconditioner_scale.copy_(torch.linalg.cholesky(covariance))
+            else:
+                self.preconditioner_scale.copy_(precision.diagonal().rsqrt())
+
+    def _precondition(self, loc: torch.Tensor, scale_tril: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map a whitened location and (diagonal or lower-triangular) scale to the unconstrained space."""
+        if self.preconditioner_structure == "full":
+            return self.preconditioner_loc + self.preconditioner_scale @ loc, self.preconditioner_scale @ scale_tril
+        shifted = self.preconditioner_loc + self.preconditioner_scale * loc
+        if scale_tril.dim() == 1:
+            return shifted, self.preconditioner_scale * scale_tril
+        return shifted, self.preconditioner_scale[:, None] * scale_tril
+
+    # -- evaluating the model at a point ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def fixed_latent(self, latent: torch.Tensor, max_plate_nesting: int = 0) -> Iterator[None]:
+        """Within the block, the guide is a point mass at the unconstrained ``latent``.
+
+        The ELBO of a point-mass guide is the unconstrained log density ``log p(x, T(z)) + log|det J_T(z)|``:
+        this is how ppvi evaluates the model at given points, enumerated sites summed out by the same ELBO.
+        ``latent`` of shape ``(S, D)`` holds one point per particle of an ELBO with ``num_particles=S`` and
+        ``vectorize_particles=True``, whose particle plate sits left of the model's ``max_plate_nesting`` plates.
+        """
+        if latent.dim() == 2:
+            latent = latent.reshape(latent.shape[0], *(1,) * max_plate_nesting, latent.shape[1])
+        self._fixed_latent = latent
+        try:
+            yield
+        finally:
+            self._fixed_latent = None
+
+    def sample_latent(self, *args, **kwargs) -> torch.Tensor:
+        if self._fixed_latent is not None:
+            posterior = dist.Delta(self._fixed_latent).to_event(1)
+            return pyro.sample(f"_{self._pyro_name}_latent", posterior, infer={"is_auxiliary": True})
+        return super().sample_latent(*args, **kwargs)
+
+    #: Whether ``posterior(detach=True)`` gives the path-derivative ("sticking the landing") ELBO estimator of
+    #: Roeder, Wu & Duvenaud (2017): the score term of log q is dropped, so at an exact fit the gradient has zero
+    #: variance. Families whose ``log_prob`` needs an expensive inverse (flows) use the ordinary estimator.
+    supports_path_derivative = True
+
+    def posterior(self, detach: bool = False) -> dist.Distribution:
+        """The distribution of the flat unconstrained latent; with ``detach``, its parameters cut from the graph."""
+        raise NotImplementedError
+
+    def get_posterior(self, *args, **kwargs) -> dist.Distribution:
+        return self.posterior()
+
+
+def _detached(detach: bool, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(t.detach() for t in tensors) if detach else tensors
+
+
+class MeanFieldGuide(PreconditionedGuide):
+    """Independent normals on every unconstrained coordinate (mean-field ADVI)."""
+
+    preconditioner_structure: PreconditionerStructure = "diagonal"
+
+    def _setup_family(self, prototype: torch.Tensor) -> None:
+        self.loc = nn.Parameter(torch.zeros_like(prototype))
+        self.scale = PyroParam(torch.ones_like(prototype), constraints.softplus_positive)
+
+    def posterior(self, detach: bool = False) -> dist.Distribution:
+        loc, scale = self._precondition(*_detached(detach, self.loc, self.scale))
+        return dist.Normal(loc, scale, validate_args=False).to_event(1)
+
+    def _loc_scale(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._precondition(self.loc, self.scale)
+
+
+class FullRankGuide(PreconditionedGuide):
+    """A multivariate normal with a dense covariance on the unconstrained coordinates (full-rank ADVI)."""
+
+    def _setup_family(self, prototype: torch.Tensor) -> None:
+        self.loc = nn.Parameter(torch.zeros_like(prototype))
+        self.scale = PyroParam(torch.ones_like(prototype), constraints.softplus_positive)
+        self.scale_tril = PyroParam(torch.eye(self.latent_dim).to(prototype), constraints.unit_lower_cholesky)
+
+    def _loc_scale_tril(self, detach: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, scale, unit_tril = _detached(detach, self.loc, self.scale, self.scale_tril)
+        return self._precondition(loc, scale[..., None] * unit_tril)
+
+    def posterior(self, detach: bool = False) -> dist.Distribution:
+        loc, scale_tril = self._loc_scale_tril(detach)
+        # Lower triangular with a positive diagonal by construction: skip the (costly) validation.
+        return dist.MultivariateNormal(loc, scale_tril=scale_tril, validate_args=False)
+
+    def _loc_scale(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, scale_tril = self._loc_scale_tril()
+        return loc, scale_tril.pow(2).sum(-1).sqrt()
+
+
+class LowRankGuide(PreconditionedGuide):
+    """A normal whose covariance is diagonal plus rank ``rank`` (Rezende et al. 2014; Ong et al. 2018).
+
+    Parameters
+    ----------
+    rank : int, optional
+        Rank of the low-rank part; by default about ``sqrt(latent dimension)``, as in Pyro.
+    """
+
+    preconditioner_structure: PreconditionerStructure = "diagonal"
+    #: Initial size of the low-rank factor relative to the diagonal: non-zero, because a zero factor is a
+    #: stationary point of the ELBO, and small, so the guide starts at the Laplace start's diagonal.
+    initial_factor_scale = 0.1
+
+    def __init__(self, model: Callable, *, rank: int | None = None, **options):
+        if rank is not None and (not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        self.rank = rank
+        super().__init__(model, **options)
+
+    def _setup_family(self, prototype: torch.Tensor) -> None:
+        if self.rank is None:
+            self.rank = max(1, round(self.latent_dim**0.5))
+        self.loc = nn.Parameter(torch.zeros_like(prototype))
+        self.scale = PyroParam(torch.ones_like(prototype), constraints.softplus_positive)
+        factor = torch.randn(self.latent_dim, self.rank).to(prototype) * self.initial_factor_scale / self.rank**0.5
+        self.cov_factor = nn.Parameter(factor)
+
+    def posterior(self, detach: bool = False) -> dist.Distribution:
+        loc, scale, factor = _detached(detach, self.loc, self.scale, self.cov_factor)
+        loc, scale = self._precondition(loc, scale)
+        factor = self.preconditioner_scale[:, None] * factor
+        return dist.LowRankMultivariateNormal(loc, factor, scale.pow(2), validate_args=False)
+
+    def _loc_scale(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, scale = self._precondition(self.loc, self.scale)
+        factor = self.preconditioner_scale[:, None] * self.cov_factor
+        return loc, (scale.pow(2) + factor.pow(2).sum(-1)).sqrt()
+
+
+class FlowGuide(PreconditionedGuide):
+    """A standard normal pushed through inverse autoregressive flows (Kingma et al. 2016), then preconditioned.
+
+    Each flow's last layer starts at zero, so the flow starts as the identity and the guide as the Laplace start.
+
+    Parameters
+    ----------
+    num_transforms : int
+        Number of affine autoregressive transforms.
+    hidden_dims : list of int, optional
+        Hidden layer sizes of each autoregressive network (default: Pyro's ``[3 D + 1]`` for ``D`` coordinates).
+    """
+
+    def __init__(
+        self, model: Callable, *, num_transforms: int = 2, hidden_dims: list[int] | None = None, **options
+    ):
+        if not isinstance(num_transforms, int) or num_transforms < 1:
+            raise ValueError(f"num_transforms must be a positive integer, got {num_transforms!r}")
+        self.num_transforms = num_transforms
+        self.hidden_dims = hidden_dims
+        super().__init__(model, **options)
+
+    def _setup_family(self, prototype: torch.Tensor) -> None:
+        if self.latent_dim < 2:
+            raise ValueError(
+                "the 'flow' guide needs at least two latent coordinates (an autoregressive flow on one coordinate "
+                "is only an affine map): use guide='fullrank' for this model"
+            )
+        flows = []
+        for _ in range(self.num_transforms):
+            flow = affine_autoregressive(self.latent_dim, hidden_dims=self.hidden_dims)
+            last_layer = flow.arn.layers[-1]
+            nn.init.zeros_(last_layer.weight)
+            nn.init.zeros_(last_layer.bias)
+            flows.append(flow.to(prototype))
+        self.flows = nn.ModuleList(flows)
+
+    supports_path_derivative = False
+
+    def posterior(self, detach: bool = False) -> dist.Distribution:
+        if detach:
+            raise NotImplementedError("flows use the ordinary ELBO estimator")
+        base = dist.Normal(torch.zeros_like(self.preconditioner_loc), 1.0).to_event(1)
+        affine = dist.transforms.LowerCholeskyAffine(self.preconditioner_loc, self.preconditioner_scale)
+        return dist.TransformedDistribution(base, [*self.flows, affine])
+
+
+class LaplaceGuide(PreconditionedGuide):
+    """The Laplace approximation: ``N(mode, H^{-1})`` in the unconstrained space, nothing left to train.
+
+    The same approximation as Pyro's :class:`~pyro.infer.autoguide.AutoLaplaceApproximation` after its
+    ``laplace_approximation()`` call, computed by :func:`ppvi.initialization.laplace_start` (L-BFGS, exact Hessian).
+    """
+
+    def _setup_family(self, prototype: torch.Tensor) -> None:
+        pass
+
+    def posterior(self, detach: bool = False) -> dist.Distribution:
+        loc, scale_tril = self.preconditioner_loc, self.preconditioner_scale
+        return dist.MultivariateNormal(loc, scale_tril=scale_tril, validate_args=False)
+
+    def _loc_scale(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.preconditioner_loc, self.preconditioner_scale.pow(2).sum(-1).sqrt()
+
+
+@dataclass(frozen=True)
+class GuideSpec:
+    """How :func:`ppvi.fit` builds and trains one guide family.
+
+    Attributes
+    ----------
+    factory : callable
+        ``factory(model, **guide_options) -> AutoGuide``.
+    description : str
+        One line for listings and errors.
+    laplace_start : bool
+        Start from a Laplace approximation at the mode (requires a :class:`PreconditionedGuide`).
+    objective : {"stochastic", "deterministic", "none"}
+        ``"stochastic"``: maximise the ELBO by stochastic gradients; ``"deterministic"``: the ELBO of a point-mass
+        guide has no noise, so it is maximised by L-BFGS; ``"none"``: the Laplace start is the whole fit.
+    """
+
+    factory: Callable[..., AutoGuide]
+    description: str
+    laplace_start: bool = True
+    objective: Literal["stochastic", "deterministic", "none"] = "stochastic"
+
+
+def _map_guide(model: Callable, **options) -> AutoGuide:
+    return AutoDelta(poutine_block_enumerated(model), **options)
+
+
+def poutine_block_enumerated(model: Callable) -> Callable:
+    """Hide enumerated discrete sites from a guide that is not a :class:`PreconditionedGuide`."""
+    return pyro.poutine.block(model, hide_fn=lambda message: message.get("infer", {}).get("enumerate") is not None)
+
+
+#: The guide registry: name -> :class:`GuideSpec`.
+GUIDES: dict[str, GuideSpec] = {
+    "map": GuideSpec(
+        _map_guide, "point mass at the posterior mode in the constrained space (AutoDelta)", False, "deterministic"
+    ),
+    "laplace": GuideSpec(LaplaceGuide, "normal at the unconstrained mode with the inverse Hessian", True, "none"),
+    "meanfield": GuideSpec(MeanFieldGuide, "independent normals, unconstrained space (mean-field ADVI)"),
+    "fullrank": GuideSpec(FullRankGuide, "multivariate normal, dense covariance (full-rank ADVI)"),
+    "lowrank": GuideSpec(LowRankGuide, "multivariate normal, diagonal plus low-rank covariance (option: rank)"),
+    "flow": GuideSpec(FlowGuide, "normal pushed through autoregressive flows (options: num_transforms, hidden_dims)"),
+}
+
+
+def resolve_guide(name: str) -> GuideSpec:
+    """Look a guide family up by name, with an error that lists the known names."""
+    try:
+        return GUIDES[name]
+    except KeyError:
+        known = "\n".join(f"  {key!r}: {spec.description}" for key, spec in GUIDES.items())
+        raise ValueError(
+            f"unknown guide {name!r}. Known guides:\n{known}\n"
+            "or pass a callable / torch.nn.Module guide (an amortized guide, say)."
+        ) from None

@@ -1,0 +1,254 @@
+"""The stochastic-gradient training loop, functional in the style of NumPyro's ``infer/svi.py``.
+
+``init`` builds a :class:`TrainingState`, ``update`` takes one step and returns the new state with the loss, and
+``run`` loops with the stopping rule of :mod:`ppvi.convergence` and returns a :class:`TrainingResult`. The loss is
+any callable returning a differentiable scalar tensor (``ppvi.fit`` passes the negative ELBO of Pyro's ELBO
+classes). Losses are written into a tensor on the parameters' device and read back once per check, so a GPU run
+does not wait on the host every step.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+
+from ppvi.convergence import StoppingRule, is_stationary
+
+Schedule = Literal["constant", "exponential", "cosine"]
+#: Final learning rate of the decaying schedules, as a fraction of the initial one.
+FINAL_LEARNING_RATE_FRACTION = 0.1
+
+
+class TrainingState(NamedTuple):
+    """State of the loop between steps.
+
+    Attributes
+    ----------
+    step : int
+        Steps taken.
+    parameters : tuple of torch.Tensor
+        The (unconstrained) leaf tensors being optimised, updated in place.
+    optimizer : torch.optim.Optimizer
+        Adam over ``parameters`` (its moment estimates are the mutable part of the state).
+    scheduler : torch.optim.lr_scheduler.LRScheduler
+        Learning-rate schedule.
+    average : tuple of torch.Tensor or None
+        Running Polyak average of ``parameters`` once averaging has started.
+    averaged_steps : int
+        Number of iterates in ``average``.
+    """
+
+    step: int
+    parameters: tuple[torch.Tensor, ...]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    average: tuple[torch.Tensor, ...] | None
+    averaged_steps: int
+
+
+class TrainingResult(NamedTuple):
+    """What :func:`run` returns.
+
+    Attributes
+    ----------
+    losses : numpy.ndarray
+        Loss (negative ELBO estimate) at every step taken.
+    steps : int
+        Steps taken.
+    converged : bool
+        Whether the stopping rule was met (always False for a fixed number of steps, which applies no rule).
+    seconds : float
+        Wall time of the loop.
+    message : str
+        Why the loop stopped.
+    nonfinite_step : int or None
+        First step whose loss was not finite (the parameters are then those of the last finite checkpoint).
+    """
+
+    losses: np.ndarray
+    steps: int
+    converged: bool
+    seconds: float
+    message: str
+    nonfinite_step: int | None
+
+
+def _schedule_factor(schedule: Schedule | Callable[[int], float], horizon: int) -> Callable[[int], float]:
+    if callable(schedule):
+        return schedule
+    if schedule == "constant":
+        return lambda step: 1.0
+    if schedule == "exponential":
+        return lambda step: FINAL_LEARNING_RATE_FRACTION ** min(step / horizon, 1.0)
+    if schedule == "cosine":
+        fraction = FINAL_LEARNING_RATE_FRACTION
+        return lambda step: fraction + (1 - fraction) * 0.5 * (1 + math.cos(math.pi * min(step / horizon, 1.0)))
+    raise ValueError(f"unknown schedule {schedule!r}: use 'constant', 'exponential', 'cosine' or a callable")
+
+
+def init(
+    parameters: Sequence[torch.Tensor],
+    learning_rate: float,
+    schedule: Schedule | Callable[[int], float] = "constant",
+    horizon: int = 10_000,
+) -> TrainingState:
+    """Create the state: Adam (Kingma & Ba 2015) over ``parameters`` with a learning-rate schedule.
+
+    Parameters
+    ----------
+    parameters : sequence of torch.Tensor
+        Leaf tensors with ``requires_grad=True``.
+    learning_rate : float
+        Initial learning rate.
+    schedule : {"constant", "exponential", "cosine"} or callable
+        Multiplier of the learning rate as a function of the step; the decaying ones reach
+        ``FINAL_LEARNING_RATE_FRACTION`` at ``horizon`` steps.
+    horizon : int
+        Steps over which a decaying schedule decays.
+    """
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+    parameters = tuple(parameters)
+    if not parameters:
+        raise ValueError("nothing to optimise: the model and guide have no parameters")
+    optimizer = torch.optim.Adam(parameters, lr=learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule_factor(schedule, horizon))
+    return TrainingState(0, parameters, optimizer, scheduler, None, 0)
+
+
+def update(state: TrainingState, loss_function: Callable[[], torch.Tensor], average: bool = False):
+    """Take one Adam step on ``loss_function``; with ``average``, fold the new iterate into the Polyak average.
+
+    Returns
+    -------
+    (TrainingState, torch.Tensor)
+        The new state and the (detached) loss before the step.
+    """
+    state.optimizer.zero_grad(set_to_none=True)
+    loss = loss_function()
+    loss.backward()
+    state.optimizer.step()
+    state.scheduler.step()
+    running, count = state.average, state.averaged_steps
+    if average:
+        with torch.no_grad():
+            if running is None:
+                running, count = tuple(p.detach().clone() for p in state.parameters), 1
+            else:
+                count += 1
+                torch._foreach_lerp_(list(running), [p.detach() for p in state.parameters], 1.0 / count)
+    return state._replace(step=state.step + 1, average=running, averaged_steps=count), loss.detach()
+
+
+def _progress_bar(enabled: bool | None, total: int):
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="step", leave=False)
+
+
+def run(
+    loss_function: Callable[[], torch.Tensor],
+    parameters: Sequence[torch.Tensor],
+    *,
+    learning_rate: float,
+    steps: int | None = None,
+    rule: StoppingRule | None = None,
+    schedule: Schedule | Callable[[int], float] = "constant",
+    check_interval: int = 50,
+    progress: bool | None = None,
+) -> TrainingResult:
+    """Minimise ``loss_function`` with Adam until the stopping rule holds (or for exactly ``steps`` steps).
+
+    With ``steps=None`` the loop checks every ``check_interval`` steps whether the last ``rule.window`` losses
+    are stationary (:func:`ppvi.convergence.is_stationary`); once they are, it averages the iterates over another
+    ``rule.window`` steps and stops. With a fixed ``steps`` it averages over the last ``min(rule.window, steps //
+    2)`` steps. The parameters end as the average. A non-finite loss stops the loop and restores the parameters of
+    the last checkpoint whose losses were all finite.
+
+    Parameters
+    ----------
+    loss_function : callable
+        Returns the scalar loss (negative ELBO) as a differentiable tensor.
+    parameters : sequence of torch.Tensor
+        Leaf tensors optimised in place.
+    learning_rate : float
+        Adam's learning rate.
+    steps : int, optional
+        Fixed number of steps; ``None`` stops on the rule, capped at ``rule.max_steps``.
+    rule : StoppingRule, optional
+        The stopping rule (defaults to :class:`~ppvi.convergence.StoppingRule()`).
+    schedule : str or callable
+        Learning-rate schedule (see :func:`init`).
+    check_interval : int
+        Steps between reads of the loss buffer (progress bar, stationarity, non-finite checks).
+    progress : bool, optional
+        Show a tqdm progress bar with the ELBO; by default only when stderr is a terminal.
+    """
+    rule = rule or StoppingRule()
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer or None, got {steps!r}")
+    total = steps if steps is not None else rule.max_steps
+    averaging_steps = min(rule.window, total // 2) if steps is not None else rule.window
+    state = init(parameters, learning_rate, schedule, horizon=total)
+    device = state.parameters[0].device
+    losses = torch.empty(total, dtype=torch.float64, device=device)
+    checkpoint = [p.detach().clone() for p in state.parameters]
+    averaging_from = total - averaging_steps if steps is not None else None
+    converged, message, nonfinite_step = False, "", None
+    bar = _progress_bar(progress, total)
+    start = time.perf_counter()
+    last_check = 0
+    while state.step < total:
+        averaging = averaging_from is not None and state.step >= averaging_from
+        state, loss = update(state, loss_function, average=averaging)
+        losses[state.step - 1] = loss
+        if state.step - last_check < check_interval and state.step < total:
+            continue
+        recent = losses[last_check : state.step].cpu().numpy()
+        if bar is not None:
+            bar.update(state.step - last_check)
+            bar.set_postfix(elbo=f"{-recent.mean():.4g}")
+        if not np.isfinite(recent).all():
+            nonfinite_step = last_check + int(np.argmin(np.isfinite(recent)))
+            with torch.no_grad():
+                for parameter, saved in zip(state.parameters, checkpoint, strict=True):
+                    parameter.copy_(saved)
+            message = f"the ELBO was not finite at step {nonfinite_step}; parameters restored to step {last_check}"
+            state = state._replace(average=None)
+            break
+        for saved, parameter in zip(checkpoint, state.parameters, strict=True):
+            saved.copy_(parameter.detach())
+        last_check = state.step
+        window = losses[max(0, state.step - rule.window) : state.step].cpu().numpy()
+        if averaging_from is None and is_stationary(window, rule):
+            averaging_from = state.step
+            total = min(total, state.step + averaging_steps)
+            converged = True
+    seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    if state.average is not None:
+        with torch.no_grad():
+            for parameter, averaged in zip(state.parameters, state.average, strict=True):
+                parameter.copy_(averaged)
+    if not message:
+        if steps is not None:
+            message = f"ran the requested {steps} steps"
+        elif converged:
+            message = f"stationary at step {averaging_from}; averaged the iterates over {averaging_steps} more"
+        else:
+            message = f"reached max_steps={rule.max_steps} before the ELBO became stationary"
+    steps_taken = state.step if nonfinite_step is None else last_check
+    return TrainingResult(
+        losses[:steps_taken].cpu().numpy(), steps_taken, converged, seconds, message, nonfinite_step
+    )
