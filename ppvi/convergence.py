@@ -2,11 +2,21 @@
 
 Stochastic optimisation of the ELBO never reaches a fixed point: after a transient, the iterates fluctuate around
 the optimum. Following Dhaka, Catalina, Andersen, Magnusson, Huggins & Vehtari (2020, "Robust, accurate
-stochastic optimization for variational inference", NeurIPS), ``ppvi`` detects the end of the transient with a
-split-R-hat (Gelman & Rubin 1992; Vehtari et al. 2021) of the recent trace, then averages the iterates (Polyak &
-Juditsky 1992) over a further window so the answer is not the last noisy iterate. Dhaka et al. compute R-hat on
-parameter iterates; ``ppvi`` computes it on the negative ELBO, a single scalar whose per-step noise comes from the
-Monte Carlo estimate, which keeps the check cheap for guides with millions of parameters.
+stochastic optimization for variational inference", NeurIPS), ``ppvi`` detects the end of the transient and then
+averages the iterates (Polyak & Juditsky 1992) over a further window, so the answer is not the last noisy iterate.
+
+The trace is declared stationary when both hold on the loss (negative ELBO) trace:
+
+1. its split-R-hat (Gelman & Rubin 1992; Vehtari et al. 2021) over the last window is below a threshold (no
+   drift or oscillation comparable to the noise), and
+2. the mean ELBO of the last window exceeds that of the window before by less than ``max(2 standard errors,
+   tolerance)``: the gain is neither statistically distinguishable from Monte Carlo noise nor larger than a
+   tolerance in nats (the ELBO's own unit: the gap to ``log p(x)`` is ``KL(q || p)``).
+
+R-hat alone misses a slow climb buried in large per-step noise (mean-field/full-rank ADVI on eight schools gains
+~1.5 nats per 100 steps under a per-step noise of ~3 nats, and R-hat reads 1.02), so the second test is needed.
+Dhaka et al. compute R-hat on parameter iterates; ``ppvi`` uses the scalar ELBO, which keeps the check cheap for
+guides with millions of parameters.
 """
 
 from __future__ import annotations
@@ -18,8 +28,13 @@ import numpy as np
 #: R-hat below which the trace is taken as stationary; 1.1 is the classic cut-off (Gelman & Rubin 1992) and the
 #: one Dhaka et al. (2020) use to detect stationarity of the iterates.
 DEFAULT_RHAT_THRESHOLD = 1.1
-#: Steps per stationarity check; long enough that four quarters each hold dozens of Monte Carlo draws.
-DEFAULT_WINDOW = 200
+#: Steps per window; four quarters of 25 draws give R-hat, two windows a standard error of the ELBO gain of
+#: about 0.14 per-step noise sds.
+DEFAULT_WINDOW = 100
+#: ELBO gain per window (nats) below which the optimisation is done even when the gain is still significant.
+DEFAULT_TOLERANCE = 0.05
+#: Standard errors a gain must exceed to count as real progress (a one-sided test at about 2.3 %).
+SIGNIFICANCE = 2.0
 #: Pieces the window is split into for R-hat (four, as split-R-hat with two chains).
 NUM_SPLITS = 4
 
@@ -34,12 +49,15 @@ class StoppingRule:
         Steps per stationarity check, and the length of the final iterate-averaging phase.
     rhat_threshold : float
         The trace of the last ``window`` losses is stationary when its split-R-hat is below this.
+    tolerance : float
+        ELBO gain (nats) between consecutive windows below which training stops.
     max_steps : int
         Cap on steps; a run that reaches it without becoming stationary reports ``converged=False``.
     """
 
     window: int = DEFAULT_WINDOW
     rhat_threshold: float = DEFAULT_RHAT_THRESHOLD
+    tolerance: float = DEFAULT_TOLERANCE
     max_steps: int = 20_000
 
     def __post_init__(self):
@@ -47,6 +65,8 @@ class StoppingRule:
             raise ValueError(f"window must be at least {4 * NUM_SPLITS} steps, got {self.window}")
         if self.rhat_threshold <= 1.0:
             raise ValueError(f"rhat_threshold must exceed 1, got {self.rhat_threshold}")
+        if not self.tolerance >= 0:
+            raise ValueError(f"tolerance must be non-negative, got {self.tolerance}")
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
 
@@ -80,8 +100,37 @@ def split_rhat(trace: np.ndarray, num_splits: int = NUM_SPLITS) -> float:
     return float(np.sqrt(((length - 1) / length * within + between_over_n) / within))
 
 
+def elbo_gain(losses: np.ndarray, window: int) -> tuple[float, float]:
+    """ELBO gain of the last ``window`` losses over the ``window`` before, and its standard error.
+
+    Parameters
+    ----------
+    losses : numpy.ndarray
+        Loss (negative ELBO) trace, at least ``2 * window`` long.
+    window : int
+        Window length.
+
+    Returns
+    -------
+    (float, float)
+        ``mean(previous) - mean(last)`` and ``sqrt(var(previous) / window + var(last) / window)``, treating the
+        per-step Monte Carlo noise as independent.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    if losses.shape[0] < 2 * window:
+        raise ValueError(f"need at least {2 * window} losses, got {losses.shape[0]}")
+    previous, last = losses[-2 * window : -window], losses[-window:]
+    gain = previous.mean() - last.mean()
+    standard_error = np.sqrt(previous.var(ddof=1) / window + last.var(ddof=1) / window)
+    return float(gain), float(standard_error)
+
+
 def is_stationary(losses: np.ndarray, rule: StoppingRule) -> bool:
-    """Whether the last ``rule.window`` losses look stationary (split-R-hat below the threshold)."""
-    if losses.shape[0] < rule.window:
+    """Whether the loss trace has stopped improving: R-hat of the last window below the threshold, and the ELBO
+    gain over the window before below ``max(SIGNIFICANCE standard errors, rule.tolerance)``."""
+    if losses.shape[0] < 2 * rule.window:
         return False
-    return split_rhat(losses[-rule.window :]) < rule.rhat_threshold
+    if split_rhat(losses[-rule.window :]) >= rule.rhat_threshold:
+        return False
+    gain, standard_error = elbo_gain(losses, rule.window)
+    return gain < max(SIGNIFICANCE * standard_error, rule.tolerance)

@@ -33,9 +33,10 @@ from pyro.distributions import constraints
 from pyro.distributions.transforms import affine_autoregressive
 from pyro.infer.autoguide import AutoContinuous, AutoDelta, AutoGuide
 from pyro.infer.autoguide.guides import prototype_hide_fn
-from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
 from torch import nn
+
+from ppvi.initialization import init_to_median_or_feasible
 
 PreconditionerStructure = Literal["full", "diagonal"]
 
@@ -60,8 +61,8 @@ class PreconditionedGuide(AutoContinuous):
     model : callable
         The Pyro model.
     init_loc_fn : callable
-        Per-site initialisation used before any Laplace start (Pyro's ``init_to_median``, which falls back to a
-        feasible point for improper priors that cannot be sampled).
+        Per-site initialisation used before any Laplace start (the prior median, or a feasible point for priors
+        that cannot be sampled: :func:`ppvi.initialization.init_to_median_or_feasible`).
     init_scale : float
         Scale of every unconstrained coordinate until :meth:`set_preconditioner` is called.
     """
@@ -70,7 +71,11 @@ class PreconditionedGuide(AutoContinuous):
     _prototype_hide_fn = staticmethod(_hide_enumerated)
 
     def __init__(
-        self, model: Callable, *, init_loc_fn: Callable = init_to_median, init_scale: float = DEFAULT_INIT_SCALE
+        self,
+        model: Callable,
+        *,
+        init_loc_fn: Callable = init_to_median_or_feasible,
+        init_scale: float = DEFAULT_INIT_SCALE,
     ):
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale}")
@@ -325,6 +330,7 @@ class GuideSpec:
 
 
 def _map_guide(model: Callable, **options) -> AutoGuide:
+    options.setdefault("init_loc_fn", init_to_median_or_feasible)
     return AutoDelta(poutine_block_enumerated(model), **options)
 
 

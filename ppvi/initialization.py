@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
+from pyro.infer.autoguide.initialization import init_to_median
+from torch.distributions import biject_to
 
 #: L-BFGS iterations for a mode; small models converge in tens, and the cap bounds the cost of a failure.
 MAXIMUM_ITERATIONS = 500
@@ -23,6 +25,31 @@ MAXIMUM_ITERATIONS = 500
 MAXIMUM_HESSIAN_DIMENSION = 2000
 #: A mode is accepted when the gradient's largest entry is below this, relative to ``1 + |log density|``.
 GRADIENT_TOLERANCE = 1e-4
+
+
+def init_to_feasible_point(site: dict | None = None):
+    """The point ``T(0)`` of a site's support, where ``T`` maps the real space onto it; no draw from the prior.
+
+    Pyro's own ``init_to_feasible`` draws once from the prior to learn the site's shape, which fails for priors
+    that cannot be sampled, such as Stan's flat priors written as ``dist.ImproperUniform``.
+    """
+    if site is None:
+        return init_to_feasible_point
+    distribution = site["fn"]
+    shape = distribution.batch_shape + distribution.event_shape
+    transform = biject_to(distribution.support)
+    return transform(torch.zeros(transform.inverse_shape(shape)))
+
+
+def init_to_median_or_feasible(site: dict | None = None):
+    """Pyro's ``init_to_median`` (the median of 15 prior draws) where the prior can be sampled, else
+    :func:`init_to_feasible_point`. The default initialisation of every ppvi guide."""
+    if site is None:
+        return init_to_median_or_feasible
+    try:
+        return init_to_median(site, fallback=init_to_feasible_point)
+    except NotImplementedError:  # Pyro sends multivariate sites straight to its sampling init_to_feasible
+        return init_to_feasible_point(site)
 
 
 class LaplaceStart(NamedTuple):

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import pyro
 import torch
 
 
@@ -48,11 +49,15 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 @contextlib.contextmanager
 def computation(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    """Make ``device`` and ``dtype`` torch's defaults inside the block, restoring the user's afterwards."""
+    """Make ``device`` and ``dtype`` torch's defaults inside the block, restoring the user's afterwards.
+
+    Pyro's module-local parameters are switched on too: a guide's parameters then live in the guide alone, not
+    in the global param store, so one fit never picks up (or overwrites) another's parameters of the same name.
+    """
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with device:
+        with device, pyro.settings.context(module_local_params=True):
             yield
     finally:
         torch.set_default_dtype(previous)
