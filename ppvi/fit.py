@@ -35,6 +35,11 @@ PRECONDITIONED_LEARNING_RATE = 0.1
 #: Monte Carlo draws per step for the registry's guides: evaluated as one vectorized batch, eight cost little
 #: more than one on models of this size and cut the ELBO noise, hence the steps the stopping rule needs, by ~3.
 PRECONDITIONED_NUM_PARTICLES = 8
+#: Adam's epsilon in whitened coordinates, where gradients are of order one nat per posterior sd: a gradient far
+#: below 0.1 is round-off or Monte Carlo noise, which Adam's default 1e-8 would inflate into full steps of size
+#: learning_rate (at an exact fit the path-derivative gradient is ~1e-8, and those steps are a random walk away
+#: from it); below epsilon the update becomes a gradient step of learning_rate / epsilon = 1, a Newton step here.
+PRECONDITIONED_ADAM_EPSILON = 0.1
 #: Learning rate for guides without a Laplace start (user guides, or when no mode was found): Pyro's usual choice.
 DEFAULT_LEARNING_RATE = 0.01
 #: Draws behind ``summary()`` and ``to_arviz()``: Monte Carlo error of a mean about 1.6 % of a posterior sd.
@@ -468,9 +473,10 @@ def fit(
             converged = math.isfinite(loss)
             message = f"L-BFGS, {iterations} iterations" if converged else "the log density was not finite"
             return result([loss], 0, converged, message)
+        preconditioned = laplace is not None and laplace.succeeded
         run = training.run(
             loss_function, parameters, learning_rate=learning_rate, steps=steps, rule=rule, schedule=schedule,
-            progress=progress,
+            progress=progress, epsilon=PRECONDITIONED_ADAM_EPSILON if preconditioned else 1e-8,
         )
         outcome = result(run.losses, run.steps, run.converged, run.message)
         if run.nonfinite_step is not None:

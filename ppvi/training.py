@@ -102,6 +102,7 @@ def init(
     learning_rate: float,
     schedule: Schedule | Callable[[int], float] = "constant",
     horizon: int = 10_000,
+    epsilon: float = 1e-8,
 ) -> TrainingState:
     """Create the state: Adam (Kingma & Ba 2015) over ``parameters`` with a learning-rate schedule.
 
@@ -116,13 +117,16 @@ def init(
         ``FINAL_LEARNING_RATE_FRACTION`` at ``horizon`` steps.
     horizon : int
         Steps over which a decaying schedule decays.
+    epsilon : float
+        Adam's epsilon: gradients much smaller than it get plain gradient steps of ``learning_rate / epsilon``
+        times the gradient instead of Adam's normalised steps of size ``learning_rate``.
     """
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be positive, got {learning_rate}")
     parameters = tuple(parameters)
     if not parameters:
         raise ValueError("nothing to optimise: the model and guide have no parameters")
-    optimizer = torch.optim.Adam(parameters, lr=learning_rate)
+    optimizer = torch.optim.Adam(parameters, lr=learning_rate, eps=epsilon)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule_factor(schedule, horizon))
     return TrainingState(0, parameters, optimizer, scheduler, None, 0)
 
@@ -171,6 +175,7 @@ def run(
     schedule: Schedule | Callable[[int], float] = "constant",
     check_interval: int = 50,
     progress: bool | None = None,
+    epsilon: float = 1e-8,
 ) -> TrainingResult:
     """Minimise ``loss_function`` with Adam until the stopping rule holds (or for exactly ``steps`` steps).
 
@@ -199,13 +204,15 @@ def run(
         Steps between reads of the loss buffer (progress bar, stationarity, non-finite checks).
     progress : bool, optional
         Show a tqdm progress bar with the ELBO; by default only when stderr is a terminal.
+    epsilon : float
+        Adam's epsilon (see :func:`init`).
     """
     rule = rule or StoppingRule()
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer or None, got {steps!r}")
     total = steps if steps is not None else rule.max_steps
     averaging_steps = min(rule.window, total // 2) if steps is not None else rule.window
-    state = init(parameters, learning_rate, schedule, horizon=total)
+    state = init(parameters, learning_rate, schedule, horizon=total, epsilon=epsilon)
     device = state.parameters[0].device
     losses = torch.empty(total, dtype=torch.float64, device=device)
     checkpoint = [p.detach().clone() for p in state.parameters]
