@@ -40,7 +40,7 @@ PRECONDITIONED_NUM_PARTICLES = 8
 #: learning_rate (at an exact fit the path-derivative gradient is ~1e-8, and those steps are a random walk away
 #: from it); below epsilon the update becomes a gradient step of learning_rate / epsilon = 1, a Newton step here.
 PRECONDITIONED_ADAM_EPSILON = 0.1
-#: Learning rate for guides without a Laplace start (user guides, or when no mode was found): Pyro's usual choice.
+#: Learning rate for guides of your own: Pyro's usual choice.
 DEFAULT_LEARNING_RATE = 0.01
 #: Draws behind ``summary()`` and ``to_arviz()``: Monte Carlo error of a mean about 1.6 % of a posterior sd.
 SUMMARY_DRAWS = 4000
@@ -439,7 +439,10 @@ def fit(
             if laplace.succeeded:
                 guide_object.set_preconditioner(laplace.loc, laplace.precision)
         if learning_rate is None:
-            learning_rate = PRECONDITIONED_LEARNING_RATE if laplace and laplace.succeeded else DEFAULT_LEARNING_RATE
+            # Registry guides work in whitened coordinates (of the Laplace start, or of the default N(init, 0.1^2),
+            # where 0.1 whitened is Pyro's usual 0.01 in unconstrained units); other guides in their own.
+            whitened = isinstance(guide_object, PreconditionedGuide)
+            learning_rate = PRECONDITIONED_LEARNING_RATE if whitened else DEFAULT_LEARNING_RATE
 
         if elbo == "auto" and isinstance(guide_object, PreconditionedGuide):
             loss_function = _path_derivative_loss(
@@ -530,7 +533,9 @@ def _parameters(loss_function: Callable[[], torch.Tensor], guide: Callable) -> l
     touches (found as Pyro's SVI finds them)."""
     with poutine.trace(param_only=True) as capture, torch.no_grad():
         loss_function()
-    captured = (site["value"].unconstrained() for site in capture.trace.nodes.values())
+    values = (site["value"] for site in capture.trace.nodes.values())
+    # pyro.param values know their unconstrained leaf; module-local PyroModule parameters are leaves themselves.
+    captured = (value.unconstrained() if hasattr(value, "unconstrained") else value for value in values)
     own = guide.parameters() if isinstance(guide, torch.nn.Module) else ()
     parameters = {id(p): p for p in (*own, *captured)}
     return [p for p in parameters.values() if p.requires_grad]

@@ -19,6 +19,8 @@ import torch
 from pyro.infer.autoguide.initialization import init_to_median
 from torch.distributions import biject_to
 
+from ppvi.training import is_invalid_value_error
+
 #: L-BFGS iterations for a mode; small models converge in tens, and the cap bounds the cost of a failure.
 MAXIMUM_ITERATIONS = 500
 #: Largest latent dimension for which the exact Hessian (one backward pass per coordinate) is formed.
@@ -98,7 +100,7 @@ def minimize(
     Returns
     -------
     (float, int)
-        The final loss (``inf`` if it is not finite; the parameters are then restored to the last finite point)
+        The final loss (``inf`` if it is not finite; the parameters are then restored to their starting values)
         and the number of iterations.
     """
     optimizer = torch.optim.LBFGS(
@@ -116,7 +118,12 @@ def minimize(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = loss_function()
+        try:
+            loss = loss_function()
+        except ValueError as error:  # validation rejecting a NaN parameter: as good as an infinite loss
+            if not is_invalid_value_error(error):
+                raise
+            loss = torch.tensor(math.inf, dtype=parameters[0].dtype)
         if torch.isfinite(loss):
             loss.backward()
         else:
@@ -127,7 +134,12 @@ def minimize(
     optimizer.step(closure)
     iterations = optimizer.state[optimizer._params[0]].get("n_iter", 0)
     with torch.no_grad():
-        final = loss_function()
+        try:
+            final = loss_function()
+        except ValueError as error:
+            if not is_invalid_value_error(error):
+                raise
+            final = torch.tensor(math.inf)
         if not torch.isfinite(final) or not all(torch.isfinite(p).all() for p in parameters):
             for parameter, saved in zip(parameters, last_finite, strict=True):
                 parameter.copy_(saved)
@@ -167,7 +179,11 @@ def laplace_start(
     point = point.detach().requires_grad_(True)
     (gradient,) = torch.autograd.grad(negative_log_density(point), point)
     point = point.detach()
-    if gradient.abs().max() > GRADIENT_TOLERANCE * (1.0 + abs(loss)):
+    if not torch.isfinite(gradient).all():
+        return LaplaceStart(False, None, None, -loss, iterations, "the gradient at the last point is not finite")
+    # The relative part of the tolerance is capped: a runaway point (L-BFGS extrapolating a density without a
+    # mode to 1e300) has a huge loss that must not excuse a gradient of order one.
+    if gradient.abs().max() > GRADIENT_TOLERANCE * (1.0 + min(abs(loss), 100.0)):
         return LaplaceStart(
             False, None, None, -loss, iterations,
             f"no mode found in {iterations} L-BFGS iterations (largest gradient {float(gradient.abs().max()):.3g}):"

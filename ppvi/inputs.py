@@ -76,9 +76,9 @@ def _convert(value: Any, name: str, device: torch.device, dtype: torch.dtype) ->
     if isinstance(value, np.ndarray) or (isinstance(value, (list, tuple)) and value and _is_numeric(value)):
         array = np.asarray(value)
         if array.dtype.kind in "fc" or array.dtype == object:
-            value = torch.as_tensor(array.astype(np.float64))
+            value = torch.tensor(array.astype(np.float64))
         elif array.dtype.kind in "iub":
-            value = torch.as_tensor(array)
+            value = torch.tensor(array)  # a copy: the user's array must not change if the model writes to it
         else:
             return value
     if not isinstance(value, torch.Tensor):
@@ -110,7 +110,8 @@ def prepare_arguments(
 ) -> tuple[tuple, dict]:
     """Convert numpy arrays and numeric lists to tensors on ``device``, floats in ``dtype``, and reject NaN/inf.
 
-    The user's objects are never modified: converted copies are returned.
+    The user's objects are never modified: arrays are copied; tensors already of the right dtype and device are
+    passed on as they are (ppvi itself never writes to data).
     """
     names = _argument_names(model, len(args))
     pairs = zip(names, args, strict=True)

@@ -10,6 +10,7 @@ does not wait on the host every step.
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,20 @@ FINAL_LEARNING_RATE_FRACTION = 0.1
 #: Welandawe, Andersen, Vehtari & Huggins 2022, "Robust, automated, and accurate black-box variational inference",
 #: cut to two stages).
 STAGES = (1.0, 0.2)
+
+
+def is_invalid_value_error(error: Exception) -> bool:
+    """Whether ``error`` is torch/Pyro argument validation rejecting a NaN or out-of-support value.
+
+    With validation on (Pyro's default), a NaN reaching a distribution raises this ``ValueError`` before any NaN
+    loss is seen; ppvi treats it exactly as a non-finite loss.
+    """
+    return isinstance(error, ValueError) and "found invalid values" in str(error)
+
+
+#: The loss :func:`update` returns when validation rejected a value: a NaN the loop recognises by identity, so
+#: that it can check at once without reading every step's loss back from the device.
+INVALID_LOSS = torch.tensor(math.nan, dtype=torch.float64)
 
 
 class TrainingState(NamedTuple):
@@ -137,10 +152,16 @@ def update(state: TrainingState, loss_function: Callable[[], torch.Tensor], aver
     Returns
     -------
     (TrainingState, torch.Tensor)
-        The new state and the (detached) loss before the step.
+        The new state and the (detached) loss before the step; NaN (and no step) when validation rejected a
+        value (:func:`is_invalid_value_error`).
     """
     state.optimizer.zero_grad(set_to_none=True)
-    loss = loss_function()
+    try:
+        loss = loss_function()
+    except ValueError as error:
+        if not is_invalid_value_error(error):
+            raise
+        return state._replace(step=state.step + 1), INVALID_LOSS
     loss.backward()
     state.optimizer.step()
     state.scheduler.step()
@@ -208,8 +229,9 @@ def run(
         Adam's epsilon (see :func:`init`).
     """
     rule = rule or StoppingRule()
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
+    if steps is not None and (not isinstance(steps, numbers.Integral) or steps < 1):
         raise ValueError(f"steps must be a positive integer or None, got {steps!r}")
+    steps = None if steps is None else int(steps)
     total = steps if steps is not None else rule.max_steps
     averaging_steps = min(rule.window, total // 2) if steps is not None else rule.window
     state = init(parameters, learning_rate, schedule, horizon=total, epsilon=epsilon)
@@ -225,7 +247,7 @@ def run(
         averaging = averaging_from is not None and state.step >= averaging_from
         state, loss = update(state, loss_function, average=averaging)
         losses[state.step - 1] = loss
-        if state.step - last_check < check_interval and state.step < total:
+        if state.step - last_check < check_interval and state.step < total and loss is not INVALID_LOSS:
             continue
         recent = losses[last_check : state.step].cpu().numpy()
         if bar is not None:
@@ -238,6 +260,7 @@ def run(
                     parameter.copy_(saved)
             message = f"the ELBO was not finite at step {nonfinite_step}; parameters restored to step {last_check}"
             state = state._replace(average=None)
+            converged = False
             break
         for saved, parameter in zip(checkpoint, state.parameters, strict=True):
             saved.copy_(parameter.detach())
@@ -265,7 +288,7 @@ def run(
         if steps is not None:
             message = f"ran the requested {steps} steps"
         elif converged:
-            message = f"stationary at step {averaging_from}; averaged the iterates over {averaging_steps} more"
+            message = f"stationary at step {averaging_from}; averaged the last {state.averaged_steps} iterates"
         else:
             message = f"reached max_steps={rule.max_steps} before the ELBO became stationary"
     steps_taken = state.step if nonfinite_step is None else last_check

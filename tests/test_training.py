@@ -1,0 +1,347 @@
+"""Tests of ppvi.training: the loop against a hand-written torch.optim.Adam loop and torch's own learning-rate
+schedulers, convergence on a noisy quadratic against the Polyak-Juditsky rate, the two stages, and the handling of
+non-finite losses."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import ppvi.training as training
+from ppvi.convergence import StoppingRule, is_stationary
+from ppvi.training import FINAL_LEARNING_RATE_FRACTION, STAGES, init, run, update
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+class NoisyQuadratic:
+    """``0.5 * ||x - (target + eps)||^2`` with fresh ``eps ~ N(0, sigma^2 I)`` at each call: the gradient is the
+    exact one, ``x - target``, plus noise of sd ``sigma`` per coordinate. Records the iterate seen at every call."""
+
+    def __init__(self, x: torch.Tensor, target: torch.Tensor, sigma: float, seed: int):
+        self.x, self.target, self.sigma = x, target, sigma
+        self.generator = torch.Generator().manual_seed(seed)
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self) -> torch.Tensor:
+        self.seen.append(self.x.detach().clone())
+        eps = self.sigma * torch.randn(self.x.shape, generator=self.generator)
+        return 0.5 * ((self.x - self.target - eps) ** 2).sum()
+
+
+# --- run: convergence and averaging -------------------------------------------------------------------------------
+
+
+def test_run_converges_to_the_target_of_a_noisy_quadratic():
+    dimension, sigma = 20, 1.0
+    target = torch.linspace(-3.0, 3.0, dimension)
+    x = torch.zeros(dimension, requires_grad=True)
+    loss = NoisyQuadratic(x, target, sigma, seed=0)
+    rule = StoppingRule(max_steps=5000)
+    result = run(loss, [x], learning_rate=0.1, rule=rule, progress=False)
+
+    assert result.converged and result.nonfinite_step is None
+    assert result.steps < rule.max_steps
+    assert len(loss.seen) == result.steps and result.losses.shape == (result.steps,)
+    assert np.isfinite(result.losses).all()
+    stationary_at = int(re.search(r"stationary at step (\d+)", result.message).group(1))
+    assert result.steps == stationary_at + rule.window  # averaged over one more window, then stopped
+    # Polyak & Juditsky (1992): averaging W iterates at stationarity leaves an error of sd sigma / sqrt(W) per
+    # coordinate (the mean gradient noise over the window divided by the curvature, 1 here). Allow 1.5 times that
+    # in root mean square over the 20 coordinates for the start/end terms of the average, and 4 times at most.
+    error = (x.detach() - target).numpy()
+    polyak_sd = sigma / math.sqrt(rule.window)
+    assert np.sqrt(np.mean(error**2)) < 1.5 * polyak_sd
+    assert np.abs(error).max() < 4 * polyak_sd
+    # It really travelled: the start was up to 3 away.
+    assert float((loss.seen[0] - target).abs().max()) == pytest.approx(3.0)
+
+
+def test_polyak_average_beats_the_last_iterate():
+    # 400 independent coordinates (Adam is elementwise, the noise independent) give 400 replicates in one run. The
+    # start is the optimum, so all error is stationary noise. A fixed number of steps averages over the last window.
+    dimension, sigma, steps, window, learning_rate = 400, 1.0, 400, 200, 0.1
+    target = torch.linspace(-1.0, 1.0, dimension)
+    x = target.clone().requires_grad_(True)
+    loss = NoisyQuadratic(x, target, sigma, seed=1)
+    result = run(loss, [x], learning_rate=learning_rate, steps=steps, rule=StoppingRule(window=window), progress=False)
+    assert result.steps == steps and not result.converged
+
+    iterates = torch.stack(loss.seen).numpy() - target.numpy()
+    averaged_mse = np.mean((x.detach().numpy() - target.numpy()) ** 2)
+    last_iterate_mse = np.mean(iterates[-1] ** 2)
+    spread = np.mean(iterates[-window:].var(axis=0, ddof=1))  # the same run's unaveraged spread
+    # Unaveraged, Adam's iterates fluctuate with a variance of about learning_rate * sigma / 2 = 0.05 here.
+    assert last_iterate_mse == pytest.approx(spread, rel=0.4)
+    # The average is several times closer (relative sampling error of these MSEs: sqrt(2 / 400) = 7 %) ...
+    assert averaged_mse < last_iterate_mse / 4
+    assert averaged_mse < spread / 4
+    # ... and at the Polyak-Juditsky rate sigma^2 / W.
+    assert averaged_mse == pytest.approx(sigma**2 / window, rel=0.5)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "steps", "window"),
+    [("constant", 120, 40), ("constant", 50, 40), ("exponential", 120, 40), ("cosine", 90, 30)],
+)
+def test_fixed_steps_match_a_plain_torch_adam_loop(schedule, steps, window):
+    # Reference: torch.optim.Adam with torch's own ExponentialLR / CosineAnnealingLR, the parameters ending as the
+    # mean of the last min(window, steps // 2) iterates. The same noise sequence drives both.
+    learning_rate, dimension = 0.05, 4
+    generator = torch.Generator().manual_seed(2)
+    noise = torch.randn(steps, dimension, generator=generator)
+    target = torch.tensor([1.0, -2.0, 0.5, 3.0])
+
+    def make_loss(x):
+        calls = [0]
+
+        def loss():
+            eps = noise[calls[0]]
+            calls[0] += 1
+            return 0.5 * ((x - target - eps) ** 2).sum()
+
+        return loss, calls
+
+    x = torch.zeros(dimension, requires_grad=True)
+    loss, calls = make_loss(x)
+    result = run(loss, [x], learning_rate=learning_rate, steps=steps, rule=StoppingRule(window=window),
+                 schedule=schedule, check_interval=7, progress=False)
+    assert calls[0] == steps and result.steps == steps and not result.converged
+    assert result.message == f"ran the requested {steps} steps"
+
+    reference = torch.zeros(dimension, requires_grad=True)
+    reference_loss, _ = make_loss(reference)
+    optimizer = torch.optim.Adam([reference], lr=learning_rate)
+    fraction = FINAL_LEARNING_RATE_FRACTION
+    scheduler = {
+        "constant": None,
+        "exponential": torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=fraction ** (1 / steps)),
+        "cosine": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=fraction * learning_rate),
+    }[schedule]
+    iterates, expected_losses = [], []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        value = reference_loss()
+        value.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        iterates.append(reference.detach().clone())
+        expected_losses.append(float(value.detach()))
+    averaged = min(window, steps // 2)
+    expected = torch.stack(iterates[-averaged:]).mean(dim=0)
+    torch.testing.assert_close(x.detach(), expected, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(result.losses, expected_losses, rtol=1e-9)
+
+
+def test_fixed_steps_ignore_the_stopping_rule():
+    # White noise with zero gradient is stationary from the start; a fixed run still takes every step.
+    x = torch.zeros(2, requires_grad=True)
+    generator = torch.Generator().manual_seed(3)
+    result = run(lambda: (0.0 * x).sum() + torch.randn((), generator=generator), [x], learning_rate=0.1, steps=777,
+                 rule=StoppingRule(window=16), check_interval=10, progress=False)
+    assert result.steps == 777 and result.losses.shape == (777,)
+    assert not result.converged and result.nonfinite_step is None
+
+
+# --- run: stages ----------------------------------------------------------------------------------------------------
+
+
+def test_learning_rate_drops_by_the_second_stage_at_the_first_stationary_point(monkeypatch):
+    assert STAGES[0] == 1.0 and len(STAGES) == 2
+    states = []
+
+    def recording_init(*args, **kwargs):
+        states.append(init(*args, **kwargs))
+        return states[-1]
+
+    monkeypatch.setattr(training, "init", recording_init)
+    x = torch.zeros(3, requires_grad=True)
+    quadratic = NoisyQuadratic(x, torch.tensor([2.0, -1.0, 0.5]), 1.0, seed=4)
+    learning_rates = []
+
+    def loss():
+        learning_rates.append(states[0].optimizer.param_groups[0]["lr"])
+        return quadratic()
+
+    learning_rate, interval = 0.1, 10
+    rule = StoppingRule(window=50, max_steps=5000)
+    result = run(loss, [x], learning_rate=learning_rate, rule=rule, check_interval=interval, progress=False)
+    assert result.converged
+    learning_rates = np.array(learning_rates)
+    first = int(np.argmax(learning_rates != learning_rate))  # first step taken at the second stage's rate
+    assert first > 0
+    np.testing.assert_allclose(learning_rates[:first], learning_rate, rtol=1e-15)
+    np.testing.assert_allclose(learning_rates[first:], learning_rate * STAGES[1], rtol=1e-15)
+
+    # The switch happened at the first check (every 10 steps, from one window on) whose last two windows of losses
+    # were stationary, and the run stopped one window after the first stationary check of the second stage.
+    def stationary(step):
+        return is_stationary(result.losses[max(0, step - 2 * rule.window) : step], rule)
+
+    assert first % interval == 0 and first >= rule.window
+    assert stationary(first)
+    assert not any(stationary(step) for step in range(rule.window, first, interval))
+    second = result.steps - rule.window
+    assert second - first >= rule.window and (second - first) % interval == 0
+    assert stationary(second)
+    assert not any(stationary(step) for step in range(first + rule.window, second, interval))
+
+
+def test_averaging_cut_short_by_max_steps_is_reported_truthfully():
+    # Zero gradient and white-noise losses: the run is stationary at the first checks of both stages. With max_steps
+    # five steps past the second stationary point, only five iterates can be averaged.
+    def noise_run(max_steps):
+        x = torch.zeros(2, requires_grad=True)
+        generator = torch.Generator().manual_seed(0)
+        return run(lambda: (0.0 * x).sum() + torch.randn((), generator=generator), [x], learning_rate=0.1,
+                   rule=StoppingRule(window=20, max_steps=max_steps), check_interval=10, progress=False)
+
+    free = noise_run(1000)
+    assert free.converged
+    stationary_at = free.steps - 20
+    capped = noise_run(stationary_at + 5)
+    assert capped.steps == stationary_at + 5
+    claimed = re.search(r"averaged the iterates over (\d+) more", capped.message)
+    assert claimed is None or int(claimed.group(1)) == 5, capped.message
+
+
+# --- run: non-finite losses ---------------------------------------------------------------------------------------
+
+
+def nan_at(x: torch.Tensor, bad_step: int):
+    """A deterministic quadratic whose loss is NaN from call ``bad_step`` (0-based) on; records the iterates."""
+    seen = []
+
+    def loss():
+        seen.append(x.detach().clone())
+        value = 0.5 * ((x - 3.0) ** 2).sum()
+        return value * math.nan if len(seen) - 1 >= bad_step else value
+
+    return loss, seen
+
+
+@pytest.mark.parametrize("steps", [None, 60])
+def test_nan_loss_stops_and_restores_the_last_checkpoint(steps):
+    # With steps=60 and window 16 the iterate average has started (at step 44) when the NaN appears at step 53.
+    x = torch.zeros(3, requires_grad=True)
+    loss, seen = nan_at(x, bad_step=53)
+    result = run(loss, [x], learning_rate=0.1, steps=steps, rule=StoppingRule(window=16, max_steps=1000),
+                 check_interval=10, progress=False)
+    assert result.nonfinite_step == 53
+    assert not result.converged
+    assert "not finite at step 53" in result.message
+    # The last check with all-finite losses was at step 50: its parameters come back, not the NaN ones nor the
+    # partial average.
+    assert result.steps == 50 and result.losses.shape == (50,) and np.isfinite(result.losses).all()
+    assert torch.isfinite(x).all()
+    torch.testing.assert_close(x.detach(), seen[50], rtol=0, atol=0)
+    assert not torch.equal(seen[50], seen[0])
+
+
+def test_nan_at_the_first_step_restores_the_initial_parameters():
+    x = torch.tensor([0.5, -0.5], requires_grad=True)
+    loss, _ = nan_at(x, bad_step=0)
+    result = run(loss, [x], learning_rate=0.1, rule=StoppingRule(window=16), check_interval=10, progress=False)
+    assert result.nonfinite_step == 0 and result.steps == 0 and result.losses.shape == (0,)
+    torch.testing.assert_close(x.detach(), torch.tensor([0.5, -0.5]), rtol=0, atol=0)
+
+
+# --- init / update ------------------------------------------------------------------------------------------------
+
+
+def learning_rates(schedule, steps, horizon, learning_rate=0.4):
+    x = torch.zeros(2, requires_grad=True)
+    state = init([x], learning_rate, schedule, horizon=horizon)
+    rates = [state.optimizer.param_groups[0]["lr"]]
+    for _ in range(steps):
+        state, _ = update(state, lambda: (x**2).sum())
+        rates.append(state.optimizer.param_groups[0]["lr"])
+    return np.array(rates)
+
+
+@pytest.mark.parametrize("schedule", ["exponential", "cosine"])
+def test_decaying_schedules_match_torch_and_reach_the_final_fraction_at_the_horizon(schedule):
+    horizon, learning_rate = 50, 0.4
+    rates = learning_rates(schedule, horizon + 20, horizon, learning_rate)
+    assert rates[0] == learning_rate
+    assert rates[horizon] == pytest.approx(FINAL_LEARNING_RATE_FRACTION * learning_rate, rel=1e-12)
+    # It stays there beyond the horizon.
+    np.testing.assert_allclose(rates[horizon:], FINAL_LEARNING_RATE_FRACTION * learning_rate, rtol=1e-12)
+    assert np.all(np.diff(rates[: horizon + 1]) < 0)
+    # Reference: torch's schedulers with the same end points.
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=learning_rate)
+    if schedule == "exponential":
+        gamma = FINAL_LEARNING_RATE_FRACTION ** (1 / horizon)
+        reference = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
+    else:
+        reference = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=horizon, eta_min=FINAL_LEARNING_RATE_FRACTION * learning_rate
+        )
+    expected = [optimizer.param_groups[0]["lr"]]
+    for _ in range(horizon):
+        optimizer.step()
+        reference.step()
+        expected.append(optimizer.param_groups[0]["lr"])
+    np.testing.assert_allclose(rates[: horizon + 1], expected, rtol=1e-12)
+
+
+def test_constant_and_callable_schedules():
+    np.testing.assert_array_equal(learning_rates("constant", 30, 10), 0.4)
+    np.testing.assert_allclose(learning_rates(lambda step: 1.0 / (1 + step), 30, 10), 0.4 / (1 + np.arange(31)))
+
+
+def test_update_averages_the_iterates_arithmetically():
+    x = torch.tensor([1.0, -1.0], requires_grad=True)
+    state = init([x], 0.1)
+    generator = torch.Generator().manual_seed(5)
+    snapshots = []
+    for step in range(30):
+        state, loss = update(state, lambda: ((x - torch.randn(2, generator=generator)) ** 2).sum(), average=step >= 12)
+        snapshots.append(x.detach().clone())
+        assert not loss.requires_grad
+    assert state.step == 30 and state.averaged_steps == 18
+    torch.testing.assert_close(state.average[0], torch.stack(snapshots[12:]).mean(dim=0), rtol=1e-12, atol=1e-12)
+    # Averaging leaves the iterate itself alone.
+    torch.testing.assert_close(x.detach(), snapshots[-1], rtol=0, atol=0)
+
+
+# --- invalid options ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("learning_rate", [0.0, -0.1, math.nan])
+def test_init_rejects_a_non_positive_learning_rate(learning_rate):
+    with pytest.raises(ValueError, match="learning_rate must be positive"):
+        init([torch.zeros(1, requires_grad=True)], learning_rate)
+
+
+def test_init_rejects_no_parameters_and_unknown_schedules():
+    with pytest.raises(ValueError, match="nothing to optimise"):
+        init([], 0.1)
+    with pytest.raises(ValueError, match="unknown schedule 'linear'.*'constant', 'exponential', 'cosine'"):
+        init([torch.zeros(1, requires_grad=True)], 0.1, schedule="linear")
+
+
+@pytest.mark.parametrize("steps", [0, -5, 2.5, "100"])
+def test_run_rejects_invalid_steps(steps):
+    x = torch.zeros(1, requires_grad=True)
+    with pytest.raises(ValueError, match="steps must be a positive integer or None"):
+        run(lambda: (x**2).sum(), [x], learning_rate=0.1, steps=steps, progress=False)
+
+
+def test_run_rejects_invalid_schedule_and_learning_rate():
+    x = torch.zeros(1, requires_grad=True)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        run(lambda: (x**2).sum(), [x], learning_rate=0.1, steps=10, schedule="step", progress=False)
+    with pytest.raises(ValueError, match="learning_rate must be positive"):
+        run(lambda: (x**2).sum(), [x], learning_rate=-1.0, steps=10, progress=False)
