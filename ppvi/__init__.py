@@ -3,9 +3,21 @@
 ``ppvi.fit(model, *data, guide="meanfield")`` fits; the result samples, summarises, saves, converts to ArviZ.
 """
 
+from ppvi.compare import compare
 from ppvi.convergence import StoppingRule
-from ppvi.fit import Fit, NonFiniteELBOError, fit
+from ppvi.fit import Diagnosis, Expectation, Fit, NonFiniteELBOError, fit
 from ppvi.guides import GUIDES, GuideSpec
 from ppvi.serialization import load
 
-__all__ = ["GUIDES", "Fit", "GuideSpec", "NonFiniteELBOError", "StoppingRule", "fit", "load"]
+__all__ = [
+    "GUIDES",
+    "Diagnosis",
+    "Expectation",
+    "Fit",
+    "GuideSpec",
+    "NonFiniteELBOError",
+    "StoppingRule",
+    "compare",
+    "fit",
+    "load",
+]

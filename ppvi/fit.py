@@ -35,6 +35,7 @@ from ppvi.inputs import (
     resolve_dtype,
     threads_for,
 )
+from ppvi.summary import summarize
 
 #: Learning rate of Adam in the preconditioned coordinates, where the posterior is about N(0, I): a tenth of a
 #: posterior sd per step crosses a poor start (eight schools' mode is five sds from its mean) in tens of steps;
@@ -97,6 +98,20 @@ class Expectation(NamedTuple):
     corrected: torch.Tensor
     raw: torch.Tensor
     khat: float
+
+
+def diagnose_log_weights(log_weights: torch.Tensor) -> tuple[Diagnosis, torch.Tensor]:
+    """PSIS of one vector of log importance ratios: the :class:`Diagnosis` and the smoothed, normalised log
+    weights (for corrected expectations)."""
+    from ppvi.diagnostics import khat_threshold, khat_verdict, psis, psis_effective_sample_size
+
+    num_samples = log_weights.shape[-1]
+    smoothed, khat = psis(log_weights)
+    diagnosis = Diagnosis(
+        float(khat), float(psis_effective_sample_size(smoothed)), khat_threshold(num_samples),
+        khat_verdict(khat, num_samples), num_samples,
+    )
+    return diagnosis, smoothed
 
 
 class NonFiniteELBOError(RuntimeError):
@@ -228,23 +243,7 @@ class Fit:
 
         Rows are named as in ``arviz.summary`` (``theta[0]``, ``W[1, 2]``); computed from ``num_samples`` draws.
         """
-        draws = self.sample(num_samples, seed=seed)
-        rows = {}
-        for name, values in draws.items():
-            flat = values.reshape(num_samples, -1).double().cpu().numpy()
-            shape = values.shape[1:]
-            for index in range(flat.shape[1]):
-                label = name if not shape else f"{name}[{', '.join(map(str, np.unravel_index(index, shape)))}]"
-                column = flat[:, index]
-                quantiles = np.quantile(column, [0.05, 0.5, 0.95])
-                rows[label] = {
-                    "mean": column.mean(),
-                    "sd": column.std(ddof=1),
-                    "5%": quantiles[0],
-                    "50%": quantiles[1],
-                    "95%": quantiles[2],
-                }
-        return pd.DataFrame.from_dict(rows, orient="index")
+        return summarize(self.sample(num_samples, seed=seed))
 
     def to_arviz(self, num_samples: int = SUMMARY_DRAWS, seed: int = 0):
         """The draws as an ``arviz.InferenceData`` (one chain), with the observed data when the model has any."""
@@ -288,13 +287,7 @@ class Fit:
 
     def diagnose(self, num_samples: int = 4000, seed: int | None = 0) -> Diagnosis:
         """PSIS diagnostic of the guide: k-hat, effective sample size and a verdict (see :class:`Diagnosis`)."""
-        from ppvi.diagnostics import khat_threshold, khat_verdict, psis, psis_effective_sample_size
-
-        smoothed, khat = psis(self.log_weights(num_samples, seed))
-        return Diagnosis(
-            float(khat), float(psis_effective_sample_size(smoothed)), khat_threshold(num_samples),
-            khat_verdict(khat, num_samples), num_samples,
-        )
+        return diagnose_log_weights(self.log_weights(num_samples, seed))[0]
 
     def expectation(
         self, function: Callable[[dict[str, torch.Tensor]], torch.Tensor], num_samples: int = 4000, seed: int | None = 0
@@ -311,16 +304,14 @@ class Fit:
         seed : int, optional
             Seed of the draws.
         """
-        from ppvi.diagnostics import psis
-
         draws, log_weights = self._weighted_draws(num_samples, seed)
         values = torch.as_tensor(function(draws)).double()
         if values.shape[:1] != (num_samples,):
             raise ValueError(f"function must return one value per draw (first dimension {num_samples}), got "
                              f"shape {tuple(values.shape)}")
-        smoothed, khat = psis(log_weights)
+        diagnosis, smoothed = diagnose_log_weights(log_weights)
         weights = smoothed.exp().reshape(-1, *(1,) * (values.dim() - 1))
-        return Expectation((weights * values).sum(0), values.mean(0), float(khat))
+        return Expectation((weights * values).sum(0), values.mean(0), diagnosis.khat)
 
     def save(self, path) -> None:
         """Save the trained parameters (no pickle: plain tensors and strings, loadable with ``weights_only=True``)."""
