@@ -7,6 +7,7 @@ start Gaussian guides from a Laplace approximation (:mod:`ppvi.initialization`),
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -176,6 +177,7 @@ class Fit:
         self.device, self.dtype, self.converged = device, dtype, converged
         self.laplace, self.message = laplace, message
         self.max_plate_nesting = max_plate_nesting
+        self._vectorizable = True
 
     def __repr__(self) -> str:
         name = self.guide_name or type(self.guide).__name__
@@ -186,13 +188,52 @@ class Fit:
         )
 
     # -- draws ---------------------------------------------------------------------------------------------------
-    def _traces(self, num_samples: int):
-        with pyro.plate("_ppvi_draws", num_samples, dim=-(self.max_plate_nesting + 1)):
-            guide_trace = poutine.trace(self.guide).get_trace(*self.args, **self.kwargs)
-            model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(
-                *self.args, **self.kwargs
-            )
+    def _draw(self, num_samples: int, seed: int | None, weights: bool):
+        """Draws of every reported site, and with ``weights`` their log importance ratios.
+
+        All draws in one vectorized pair of guide and model traces (a plate left of the model's own) when the
+        model broadcasts over it; otherwise, for models written for one draw at a time (``locs[z]`` rather than
+        ``Vindex(locs)[..., z]``), one pair of traces per draw.
+        """
+        shapes = self.site_shapes()
+        with computation(self.device, self.dtype), torch.no_grad(), _seeded(seed):
+            if self._vectorizable:
+                try:
+                    return self._vectorized_draws(num_samples, shapes, weights)
+                except (ValueError, RuntimeError, IndexError):
+                    self._vectorizable = False
+            return self._sequential_draws(num_samples, shapes, weights)
+
+    def _pair_of_traces(self):
+        guide_trace = poutine.trace(self.guide).get_trace(*self.args, **self.kwargs)
+        model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(*self.args, **self.kwargs)
         return guide_trace, model_trace
+
+    def _vectorized_draws(self, num_samples: int, shapes: dict, weights: bool):
+        with pyro.plate("_ppvi_draws", num_samples, dim=-(self.max_plate_nesting + 1)):
+            guide_trace, model_trace = self._pair_of_traces()
+        draws = {
+            name: model_trace.nodes[name]["value"].detach().reshape(num_samples, *shape)
+            for name, shape in shapes.items()
+        }
+        if not weights:
+            return draws, None
+        log_weights = _per_draw_log_prob(model_trace, self.max_plate_nesting, num_samples) - _per_draw_log_prob(
+            guide_trace, self.max_plate_nesting, num_samples
+        )
+        return draws, log_weights.double()
+
+    def _sequential_draws(self, num_samples: int, shapes: dict, weights: bool):
+        values: dict[str, list[torch.Tensor]] = {name: [] for name in shapes}
+        log_weights = []
+        for _ in range(num_samples):
+            guide_trace, model_trace = self._pair_of_traces()
+            for name, shape in shapes.items():
+                values[name].append(model_trace.nodes[name]["value"].detach().reshape(shape))
+            if weights:
+                log_weights.append(model_trace.log_prob_sum().double() - guide_trace.log_prob_sum().double())
+        draws = {name: torch.stack(parts) for name, parts in values.items()}
+        return draws, torch.stack(log_weights) if weights else None
 
     def sample(self, num_samples: int = 1000, seed: int | None = None) -> dict[str, torch.Tensor]:
         """Draw from the fitted posterior approximation.
@@ -212,30 +253,16 @@ class Fit:
         """
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        shapes = self.site_shapes()
-        with computation(self.device, self.dtype), torch.no_grad(), _seeded(seed):
-            _, model_trace = self._traces(num_samples)
-        return {
-            name: model_trace.nodes[name]["value"].detach().reshape(num_samples, *shape)
-            for name, shape in shapes.items()
-        }
+        return self._draw(num_samples, seed, weights=False)[0]
 
     def site_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of one draw of every latent (and deterministic) site, in model order."""
         if not hasattr(self, "_site_shapes"):
-            with computation(self.device, self.dtype), torch.no_grad(), _seeded(0):
-                _, model_trace = self._traces(1)
+            with computation(self.device, self.dtype):
+                reference = _structure_trace(self.model, self.args, self.kwargs)
             self._site_shapes = {
-                name: tuple(site["value"].shape[self.max_plate_nesting + 1 :])
-                if site["value"].dim() > self.max_plate_nesting
-                else ()
-                for name, site in model_trace.nodes.items()
-                if _is_reported(site)
+                name: tuple(site["value"].shape) for name, site in reference.nodes.items() if _is_reported(site)
             }
-            # Batch dimensions of local sites sit inside the draws plate: take the shape from a draw-free trace.
-            reference = _structure_trace(self.model, self.args, self.kwargs)
-            for name in self._site_shapes:
-                self._site_shapes[name] = tuple(reference.nodes[name]["value"].shape)
         return self._site_shapes
 
     def summary(self, num_samples: int = SUMMARY_DRAWS, seed: int = 0) -> pd.DataFrame:
@@ -266,14 +293,42 @@ class Fit:
                 "a point-mass (MAP) guide has no density, so it has no importance weights: diagnose a 'laplace', "
                 "'meanfield', 'fullrank', 'lowrank' or 'flow' fit instead"
             )
-        shapes = self.site_shapes()
-        with computation(self.device, self.dtype), torch.no_grad(), _seeded(seed):
-            guide_trace, model_trace = self._traces(num_samples)
-            log_weights = _per_draw_log_prob(model_trace, self.max_plate_nesting, num_samples) - _per_draw_log_prob(
-                guide_trace, self.max_plate_nesting, num_samples
+        if self._enumerated():
+            return self._marginal_weighted_draws(num_samples, seed)
+        return self._draw(num_samples, seed, weights=True)
+
+    def _enumerated(self) -> bool:
+        with computation(self.device, self.dtype):
+            structure = _structure_trace(self.model, self.args, self.kwargs)
+        return any(site["type"] == "sample" and site["infer"].get("enumerate") for site in structure.nodes.values())
+
+    def _marginal_weighted_draws(self, num_samples: int, seed: int | None):
+        """Weights for models with enumerated discrete sites: ``log p(x, theta)`` with the discrete sites summed
+        out (TraceEnum_ELBO on a point-mass guide, one draw at a time) minus ``log q(theta)``."""
+        if not isinstance(self.guide, PreconditionedGuide):
+            raise ValueError(
+                "importance weights of a model with enumerated sites need the marginal likelihood, available for "
+                "ppvi's registry guides; this guide is a different kind"
             )
-        draws = {name: model_trace.nodes[name]["value"].detach().reshape(num_samples, *shape)
-                 for name, shape in shapes.items()}
+        point_elbo = TraceEnum_ELBO(max_plate_nesting=self.max_plate_nesting)
+        with computation(self.device, self.dtype), torch.no_grad(), _seeded(seed):
+            posterior = self.guide.posterior()
+            latent = posterior.sample((num_samples,))
+            log_q = posterior.log_prob(latent)
+            negative_log_density = []
+            for point in latent:
+                # TraceEnum_ELBO insists on a differentiable loss: let it differentiate with respect to the point.
+                with torch.enable_grad(), self.guide.fixed_latent(point.clone().requires_grad_(True)):
+                    negative_log_density.append(
+                        point_elbo.differentiable_loss(self.model, self.guide, *self.args, **self.kwargs).detach()
+                    )
+            log_weights = -torch.stack(negative_log_density) - log_q
+            values: dict[str, list[torch.Tensor]] = {name: [] for name in self.site_shapes()}
+            for site, unconstrained in self.guide._unpack_latent(latent):
+                if site["name"] in values:
+                    values[site["name"]] = biject_to(site["fn"].support)(unconstrained)
+        draws = {name: value.reshape(num_samples, *self.site_shapes()[name]) for name, value in values.items()
+                 if isinstance(value, torch.Tensor)}
         return draws, log_weights.double()
 
     def log_weights(self, num_samples: int = 4000, seed: int | None = 0) -> torch.Tensor:
@@ -504,6 +559,7 @@ def fit(
     started = time.perf_counter()
     if initialization not in ("laplace", "prior"):
         raise ValueError(f"initialization must be 'laplace' or 'prior', got {initialization!r}")
+    particles_defaulted = num_particles is None
     if num_particles is None:
         num_particles = PRECONDITIONED_NUM_PARTICLES if isinstance(guide, str) else 1
     if not isinstance(num_particles, int) or num_particles < 1:
@@ -565,10 +621,26 @@ def fit(
             whitened = isinstance(guide_object, PreconditionedGuide)
             learning_rate = PRECONDITIONED_LEARNING_RATE if whitened else DEFAULT_LEARNING_RATE
 
+        notes = []
         if elbo == "auto" and isinstance(guide_object, PreconditionedGuide):
             loss_function = _path_derivative_loss(
                 model, guide_object, args, kwargs, point_elbo_class, num_particles, max_plate_nesting
             )
+            if num_particles > 1:
+                try:  # with gradients on: TraceEnum_ELBO refuses a loss it cannot differentiate
+                    loss_function()
+                except (ValueError, RuntimeError, IndexError) as error:
+                    if not particles_defaulted:
+                        raise ValueError(
+                            f"the model does not broadcast over a batch of {num_particles} particles ({error}). "
+                            "Write it for a batch (Vindex(locs)[..., z] rather than locs[z], sums over dims counted "
+                            "from the right) or use num_particles=1."
+                        ) from error
+                    num_particles = 1
+                    notes.append("the model does not broadcast over particles: used 1 particle per step")
+                    loss_function = _path_derivative_loss(
+                        model, guide_object, args, kwargs, point_elbo_class, 1, max_plate_nesting
+                    )
         else:
             analytic_kl = spec is None and not enumerated and _analytic_kl_everywhere(model, guide_object, args, kwargs)
             elbo_object = _make_elbo(elbo, enumerated, max_plate_nesting, num_particles, analytic_kl)
@@ -602,7 +674,7 @@ def fit(
             loss_function, parameters, learning_rate=learning_rate, steps=steps, rule=rule, schedule=schedule,
             progress=progress, epsilon=PRECONDITIONED_ADAM_EPSILON if preconditioned else 1e-8,
         )
-        outcome = result(run.losses, run.steps, run.converged, run.message)
+        outcome = result(run.losses, run.steps, run.converged, "; ".join([run.message, *notes]))
         if run.nonfinite_step is not None:
             raise NonFiniteELBOError(
                 f"{run.message}. Try a smaller learning_rate (now {learning_rate}), more num_particles, or check the "
@@ -635,12 +707,13 @@ def _path_derivative_loss(
     """
     path_derivative = guide.supports_path_derivative
     if point_elbo_class is TraceEnum_ELBO:
+        vectorized = num_particles > 1
         point_elbo = point_elbo_class(
-            num_particles=num_particles, vectorize_particles=True, max_plate_nesting=max_plate_nesting
+            num_particles=num_particles, vectorize_particles=vectorized, max_plate_nesting=max_plate_nesting
         )
 
         def negative_log_density(latent: torch.Tensor) -> torch.Tensor:
-            with guide.fixed_latent(latent, max_plate_nesting):
+            with guide.fixed_latent(latent if vectorized else latent[0], max_plate_nesting):
                 return point_elbo.differentiable_loss(model, guide, *args, **kwargs)
 
     else:
@@ -664,8 +737,13 @@ def _negative_log_density(
     Pyro's ``Trace_ELBO`` on a point-mass guide (subsampling scales and masks included), without tracing the
     guide or running the ELBO's bookkeeping, which took a third of a small model's step.
     """
-    particles = pyro.plate("_ppvi_particles", num_particles, dim=-(max_plate_nesting + 1))
-    batch = (num_particles,) + (1,) * max_plate_nesting
+    # One particle runs the model unbatched, so models written for a single draw work too.
+    particles = (
+        pyro.plate("_ppvi_particles", num_particles, dim=-(max_plate_nesting + 1))
+        if num_particles > 1
+        else contextlib.nullcontext()
+    )
+    batch = (num_particles,) + (1,) * max_plate_nesting if num_particles > 1 else ()
 
     def negative_log_density(latent: torch.Tensor) -> torch.Tensor:
         values, log_determinant = {}, 0.0
@@ -684,7 +762,7 @@ def _negative_log_density(
 def _parameters(loss_function: Callable[[], torch.Tensor], guide: Callable) -> list[torch.Tensor]:
     """The unconstrained leaf tensors the loss depends on: the guide module's, and every ``pyro.param`` the loss
     touches (found as Pyro's SVI finds them)."""
-    with poutine.trace(param_only=True) as capture, torch.no_grad():
+    with poutine.trace(param_only=True) as capture:
         loss_function()
     values = (site["value"] for site in capture.trace.nodes.values())
     # pyro.param values know their unconstrained leaf; module-local PyroModule parameters are leaves themselves.

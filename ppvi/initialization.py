@@ -133,13 +133,13 @@ def minimize(
 
     optimizer.step(closure)
     iterations = optimizer.state[optimizer._params[0]].get("n_iter", 0)
+    try:  # with gradients on: Pyro's TraceEnum_ELBO refuses to compute a loss that cannot be differentiated
+        final = loss_function().detach()
+    except ValueError as error:
+        if not is_invalid_value_error(error):
+            raise
+        final = torch.tensor(math.inf)
     with torch.no_grad():
-        try:
-            final = loss_function()
-        except ValueError as error:
-            if not is_invalid_value_error(error):
-                raise
-            final = torch.tensor(math.inf)
         if not torch.isfinite(final) or not all(torch.isfinite(p).all() for p in parameters):
             for parameter, saved in zip(parameters, last_finite, strict=True):
                 parameter.copy_(saved)

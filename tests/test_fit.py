@@ -290,3 +290,41 @@ def test_laplace_without_a_mode_says_what_to_use():
 def test_progress_bar_runs(fake_data, capsys):
     ppvi.fit(fake_gaussian.model, fake_data, guide="meanfield", steps=60, progress=True)
     assert "step" in capsys.readouterr().err
+
+
+def _naive_mixture():
+    """A two-component mixture with enumerated assignments, written for one draw at a time (``locs[z]``)."""
+
+    @pyro.infer.config_enumerate
+    def model(y):
+        weights = pyro.sample("weights", dist.Dirichlet(torch.ones(2)))
+        locs = pyro.sample("locs", dist.Normal(0.0, 5.0).expand([2]).to_event(1))
+        with pyro.plate("data", y.shape[0]):
+            z = pyro.sample("z", dist.Categorical(weights))
+            pyro.sample("y", dist.Normal(locs[z], 1.0), obs=y)
+
+    generator = torch.Generator().manual_seed(1)
+    y = torch.cat([torch.randn(150, generator=generator) - 2, torch.randn(150, generator=generator) + 2]).double()
+    return model, y
+
+
+def test_enumerated_model_not_written_for_batches_fits_and_diagnoses():
+    """Discrete assignments summed out by TraceEnum_ELBO; the model broadcasts over no particle batch, so ppvi
+    falls back to one particle per step and to draw-by-draw sampling. Means agree with scikit-learn's EM."""
+    from sklearn.mixture import GaussianMixture
+
+    model, y = _naive_mixture()
+    fit = ppvi.fit(model, y, guide="fullrank")
+    assert fit.converged and "1 particle" in fit.message
+    draws = fit.sample(2000, seed=0)["locs"]
+    expected = np.sort(GaussianMixture(2, random_state=0).fit(y.numpy()[:, None]).means_.ravel())
+    fitted, order = torch.sort(draws.mean(0))
+    assert np.abs(fitted.numpy() - expected).max() < 0.25 * float(draws.std(0).min())
+    diagnosis = fit.diagnose(num_samples=400)
+    assert diagnosis.khat < 0.7 and diagnosis.effective_sample_size > 300
+
+
+def test_explicit_particles_on_a_model_that_does_not_broadcast_say_how_to_fix_it():
+    model, y = _naive_mixture()
+    with pytest.raises(ValueError, match=r"Vindex\(locs\)\[\.\.\., z\]"):
+        ppvi.fit(model, y, guide="fullrank", num_particles=4)
