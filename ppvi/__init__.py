@@ -7,6 +7,7 @@ from ppvi.compare import compare
 from ppvi.convergence import StoppingRule
 from ppvi.fit import Diagnosis, Expectation, Fit, NonFiniteELBOError, fit
 from ppvi.guides import GUIDES, GuideSpec
+from ppvi.plotting import plot_comparison
 from ppvi.serialization import load
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "compare",
     "fit",
     "load",
+    "plot_comparison",
 ]

@@ -28,14 +28,14 @@ if TYPE_CHECKING:
 #: Most 1-D panels drawn when ``parameters`` is not given: past this, choose the components to show.
 MAX_DEFAULT_PARAMETERS = 6
 #: Probability mass inside each 2-D contour (highest-density regions), innermost last.
-CONTOUR_MASSES = (0.95, 0.8, 0.5)
+CONTOUR_MASSES = (0.9, 0.6, 0.3)
 #: Panels per row.
 PANELS_PER_ROW = 3
 #: Grid points per axis for the densities.
 GRID_POINTS_1D = 256
-GRID_POINTS_2D = 96
+GRID_POINTS_2D = 64
 #: Draws at which a 2-D density is evaluated to place the contour levels (a random subset past this).
-LEVEL_DRAWS = 2000
+LEVEL_DRAWS = 1000
 
 Draws = Mapping[str, np.ndarray | torch.Tensor]
 
@@ -156,10 +156,9 @@ def plot_comparison(
         x_limits, y_limits = _limits([s[0] for s in every]), _limits([s[1] for s in every])
         rng = np.random.default_rng(seed)
         if have_reference:
-            _contours(axis, reference_columns[first], reference_columns[second], x_limits, y_limits, rng,
-                      colour="black", filled=True)
+            _contours(axis, reference_columns[first], reference_columns[second], rng, colour="black", filled=True)
         for label, (x, y) in sources.items():
-            _contours(axis, x, y, x_limits, y_limits, rng, colour=colours[label], filled=False)
+            _contours(axis, x, y, rng, colour=colours[label], filled=False)
         axis.set_xlim(*x_limits)
         axis.set_ylim(*y_limits)
         axis.set_xlabel(first)
@@ -261,31 +260,39 @@ def _marginal(axis: Axes, values: np.ndarray, limits: tuple[float, float], *, co
     axis.plot(grid, gaussian_kde(values)(grid), color=colour, label=label, linewidth=linewidth, zorder=zorder)
 
 
-def _contours(axis: Axes, x: np.ndarray, y: np.ndarray, x_limits: tuple[float, float],
-              y_limits: tuple[float, float], rng: np.random.Generator, *, colour: str, filled: bool) -> None:
+def _contours(axis: Axes, x: np.ndarray, y: np.ndarray, rng: np.random.Generator, *, colour: str,
+              filled: bool) -> None:
+    """Highest-density contours of the draws ``(x, y)``, from a Gaussian KDE on a grid aligned with them."""
     from scipy.stats import gaussian_kde
 
     points = np.stack([x, y])
     if _constant(x) and _constant(y):
         axis.plot(x[0], y[0], marker="x", markersize=9, markeredgewidth=2, color=colour, linestyle="none", zorder=5)
         return
+    centre = points.mean(axis=1)
     try:
+        factor = np.linalg.cholesky(np.cov(points))
         kde = gaussian_kde(points)
     except np.linalg.LinAlgError:  # draws on a line (a component held constant, or perfectly correlated)
         shown = points[:, rng.permutation(points.shape[1])[:500]]
         axis.plot(*shown, marker=".", markersize=2, color=colour, linestyle="none", alpha=0.5, zorder=4)
         return
-    at_draws = points if points.shape[1] <= LEVEL_DRAWS else points[:, rng.choice(points.shape[1], LEVEL_DRAWS,
-                                                                                 replace=False)]
-    density_at_draws = kde(at_draws)
-    levels = np.unique(np.quantile(density_at_draws, [1 - mass for mass in CONTOUR_MASSES]))
-    grid_x, grid_y = np.meshgrid(np.linspace(*x_limits, GRID_POINTS_2D), np.linspace(*y_limits, GRID_POINTS_2D))
+    # The grid is square in the draws' whitened coordinates and sheared in the plot's: a narrow, strongly
+    # correlated cloud gets as many grid cells across as a round one, so its contours are as smooth.
+    white = np.linalg.solve(factor, points - centre[:, None])
+    u, v = np.meshgrid(np.linspace(*_limits([white[0]]), GRID_POINTS_2D), np.linspace(*_limits([white[1]]),
+                                                                                      GRID_POINTS_2D))
+    grid_x, grid_y = (centre[:, None, None] + np.einsum("ij,jkl->ikl", factor, np.stack([u, v])))
     density = kde(np.stack([grid_x.ravel(), grid_y.ravel()])).reshape(grid_x.shape)
+    if points.shape[1] > LEVEL_DRAWS:
+        points = points[:, rng.choice(points.shape[1], LEVEL_DRAWS, replace=False)]
+    levels = np.unique(np.quantile(kde(points), [1 - mass for mass in CONTOUR_MASSES]))
     levels = levels[levels < density.max()]  # a level the grid never reaches has no contour (matplotlib warns)
     if not levels.size:
         return
     if filled:
-        axis.contourf(grid_x, grid_y, density, levels=[*levels, float(density.max()) * (1 + 1e-9)], cmap="Greys", alpha=0.6, zorder=1)
+        top = float(density.max()) * (1 + 1e-9)
+        axis.contourf(grid_x, grid_y, density, levels=[*levels, top], cmap="Greys", alpha=0.6, zorder=1)
         axis.contour(grid_x, grid_y, density, levels=levels, colors=colour, linewidths=0.8, zorder=2)
     else:
         widths = np.linspace(1.0, 2.0, levels.size)
