@@ -28,10 +28,17 @@ def data(dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(SIGMA, dtype=dtype), torch.tensor(Y, dtype=dtype)
 
 
+def _hyperparameters(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mu ~ N(0, 5)`` and ``tau ~ HalfCauchy(5)``, with constants in the data's dtype and device."""
+    five = sigma.new_tensor(5.0)
+    mu = pyro.sample("mu", dist.Normal(torch.zeros_like(five), five))
+    tau = pyro.sample("tau", dist.HalfCauchy(five))
+    return mu, tau
+
+
 def centered(sigma: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """The centred parameterisation; ``y=None`` draws the effects from the model."""
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    mu, tau = _hyperparameters(sigma)
     with pyro.plate("schools", sigma.shape[-1]):
         theta = pyro.sample("theta", dist.Normal(mu, tau))
         return pyro.sample("y", dist.Normal(theta, sigma), obs=y)
@@ -39,9 +46,8 @@ def centered(sigma: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor
 
 def noncentered(sigma: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """The non-centred parameterisation; ``y=None`` draws the effects from the model."""
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    mu, tau = _hyperparameters(sigma)
     with pyro.plate("schools", sigma.shape[-1]):
-        theta_trans = pyro.sample("theta_trans", dist.Normal(0.0, 1.0))
+        theta_trans = pyro.sample("theta_trans", dist.Normal(torch.zeros_like(sigma), torch.ones_like(sigma)))
         theta = pyro.deterministic("theta", mu + tau * theta_trans)
         return pyro.sample("y", dist.Normal(theta, sigma), obs=y)

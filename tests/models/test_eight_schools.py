@@ -23,11 +23,12 @@ def test_log_joints_equal_the_textbook_densities():
     theta = np.array([6.0, 5.0, 2.0, 4.5, 3.0, 4.0, 8.0, 6.0])
     prior = stats.norm.logpdf(mu, 0, 5) + stats.halfcauchy.logpdf(tau, scale=5)
     likelihood = stats.norm.logpdf(np.array(eight_schools.Y), theta, np.array(eight_schools.SIGMA)).sum()
-    centered = {"mu": torch.tensor(mu), "tau": torch.tensor(tau), "theta": torch.tensor(theta)}
+    as64 = lambda value: torch.tensor(value, dtype=torch.float64)  # noqa: E731
+    centered = {"mu": as64(mu), "tau": as64(tau), "theta": as64(theta)}
     expected = prior + stats.norm.logpdf(theta, mu, tau).sum() + likelihood
     assert _log_joint(eight_schools.centered, centered, sigma, y) == pytest.approx(expected, rel=1e-12)
     trans = (theta - mu) / tau
-    noncentered = {"mu": torch.tensor(mu), "tau": torch.tensor(tau), "theta_trans": torch.tensor(trans)}
+    noncentered = {"mu": as64(mu), "tau": as64(tau), "theta_trans": as64(trans)}
     expected = prior + stats.norm.logpdf(trans).sum() + likelihood
     assert _log_joint(eight_schools.noncentered, noncentered, sigma, y) == pytest.approx(expected, rel=1e-12)
 
