@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyro
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -18,6 +19,15 @@ def _fresh_pyro_state():
     pyro.set_rng_seed(0)
     yield
     pyro.clear_param_store()
+
+
+@pytest.fixture
+def float64_default():
+    """Make float64 torch's default dtype for one test (unit tests of numerics), restoring it afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def shared_directory() -> Path | None:

@@ -3,8 +3,7 @@ its calibration on white noise, and the stationarity rule on traces whose answer
 
 from __future__ import annotations
 
-import warnings
-
+import arviz as az
 import numpy as np
 import pytest
 
@@ -19,12 +18,6 @@ from ppvi.convergence import (
     is_stationary,
     split_rhat,
 )
-
-# arviz 0.x may announce its 1.0 refactor with a FutureWarning at import time; pytest turns warnings into errors
-# (filterwarnings = error), so the import silences exactly that category and nothing else.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)
-    import arviz as az
 
 # Both compute the same float64 formula; differences are rounding.
 EXACT = 1e-10

@@ -19,13 +19,7 @@ from ppvi.initialization import (
     minimize,
 )
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def random_gaussian(seed: int, dimension: int = 5):

@@ -15,13 +15,7 @@ import ppvi.training as training
 from ppvi.convergence import StoppingRule, is_stationary
 from ppvi.training import FINAL_LEARNING_RATE_FRACTION, STAGES, init, run, update
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 class NoisyQuadratic:

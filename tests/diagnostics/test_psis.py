@@ -5,11 +5,12 @@ ratios."""
 from __future__ import annotations
 
 import math
-import warnings
 
+import arviz as az
 import numpy as np
 import pytest
 import torch
+from arviz.stats.stats import _gpdfit as arviz_gpdfit
 from scipy import stats
 from torch.distributions import Normal
 
@@ -23,14 +24,6 @@ from ppvi.diagnostics import (
     psis_effective_sample_size,
     tail_length,
 )
-
-# arviz 0.x announces its 1.0 refactor with a FutureWarning at import time; pytest turns warnings into errors
-# (filterwarnings = error), so the import silences exactly that category. arviz's psislw itself does not warn
-# on any input used below.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)
-    import arviz as az
-    from arviz.stats.stats import _gpdfit as arviz_gpdfit
 
 # Agreement with arviz: both compute in float64 with the same formulas, so differences are rounding (~1e-14).
 EXACT = 1e-10
