@@ -9,6 +9,7 @@ from ppvi.fit import Diagnosis, Expectation, Fit, NonFiniteELBOError, fit
 from ppvi.guides import GUIDES, GuideSpec
 from ppvi.plotting import plot_comparison
 from ppvi.serialization import load
+from ppvi.vsbc import VSBCResult, vsbc
 
 __all__ = [
     "GUIDES",
@@ -18,8 +19,10 @@ __all__ = [
     "GuideSpec",
     "NonFiniteELBOError",
     "StoppingRule",
+    "VSBCResult",
     "compare",
     "fit",
     "load",
     "plot_comparison",
+    "vsbc",
 ]
