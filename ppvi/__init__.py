@@ -3,13 +3,13 @@
 ``ppvi.fit(model, *data, guide="meanfield")`` fits; the result samples, summarises, saves, converts to ArviZ.
 """
 
+from ppvi.calibration import VSBCResult, vsbc
 from ppvi.compare import compare
 from ppvi.convergence import StoppingRule
 from ppvi.fit import Diagnosis, Expectation, Fit, NonFiniteELBOError, fit
 from ppvi.guides import GUIDES, GuideSpec
 from ppvi.plotting import plot_comparison
 from ppvi.serialization import load
-from ppvi.vsbc import VSBCResult, vsbc
 
 __all__ = [
     "GUIDES",

@@ -1,4 +1,4 @@
-"""ppvi.vsbc: VSBC (Yao et al. 2018) calibrates on a conjugate model, flags a biased guide with the right sign,
+"""ppvi.calibration: VSBC (Yao et al. 2018) calibrates on a conjugate model, flags a biased guide with the right sign,
 and its batched optimisation reaches the same guides as separate ppvi.fit runs and the exact posterior."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from scipy.stats import kstest  # noqa: E402
 
 import ppvi  # noqa: E402
 from models import eight_schools  # noqa: E402
-from ppvi.vsbc import ALPHA, vsbc  # noqa: E402
+from ppvi.calibration import ALPHA, vsbc  # noqa: E402
 
 PRIOR_SD = 2.0
 NUM_POINTS = 5
@@ -157,7 +157,7 @@ def test_eight_schools_noncentered_meanfield_flags_tau():
 
 
 def test_step_cap_stops_unconverged_replications(monkeypatch):
-    monkeypatch.setattr("ppvi.vsbc.DEFAULT_MAX_STEPS", 150)
+    monkeypatch.setattr("ppvi.calibration.DEFAULT_MAX_STEPS", 150)
     result = vsbc(normal_model, NUM_POINTS, observed="y", num_simulations=10, learning_rate=0.001, device="cpu")
     assert not result.converged.any() and (result.steps == 150).all()
     assert np.isfinite(result.p_values["mu"]).all()
