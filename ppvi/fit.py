@@ -310,25 +310,22 @@ class Fit:
                 "importance weights of a model with enumerated sites need the marginal likelihood, available for "
                 "ppvi's registry guides; this guide is a different kind"
             )
-        point_elbo = TraceEnum_ELBO(max_plate_nesting=self.max_plate_nesting)
+        negative_log_density = _point_mass_negative_log_density(
+            self.model, self.guide, self.args, self.kwargs, TraceEnum_ELBO, self.max_plate_nesting
+        )
+        shapes = self.site_shapes()
         with computation(self.device, self.dtype), torch.no_grad(), _seeded(seed):
             posterior = self.guide.posterior()
             latent = posterior.sample((num_samples,))
-            log_q = posterior.log_prob(latent)
-            negative_log_density = []
-            for point in latent:
-                # TraceEnum_ELBO insists on a differentiable loss: let it differentiate with respect to the point.
-                with torch.enable_grad(), self.guide.fixed_latent(point.clone().requires_grad_(True)):
-                    negative_log_density.append(
-                        point_elbo.differentiable_loss(self.model, self.guide, *self.args, **self.kwargs).detach()
-                    )
-            log_weights = -torch.stack(negative_log_density) - log_q
-            values: dict[str, list[torch.Tensor]] = {name: [] for name in self.site_shapes()}
-            for site, unconstrained in self.guide._unpack_latent(latent):
-                if site["name"] in values:
-                    values[site["name"]] = biject_to(site["fn"].support)(unconstrained)
-        draws = {name: value.reshape(num_samples, *self.site_shapes()[name]) for name, value in values.items()
-                 if isinstance(value, torch.Tensor)}
+            # TraceEnum_ELBO insists on a differentiable loss: let it differentiate with respect to each point.
+            with torch.enable_grad():
+                log_joint = [-negative_log_density(point.clone().requires_grad_(True)).detach() for point in latent]
+            log_weights = torch.stack(log_joint) - posterior.log_prob(latent)
+            draws = {
+                site["name"]: biject_to(site["fn"].support)(unconstrained).reshape(num_samples, *shapes[site["name"]])
+                for site, unconstrained in self.guide._unpack_latent(latent)
+                if site["name"] in shapes
+            }
         return draws, log_weights.double()
 
     def log_weights(self, num_samples: int = 4000, seed: int | None = 0) -> torch.Tensor:
@@ -684,14 +681,32 @@ def fit(
         return outcome
 
 
-def _laplace(model, guide: PreconditionedGuide, args, kwargs, point_elbo_class, max_plate_nesting: int):
-    """Laplace start: the point-mass ELBO of the guide is the unconstrained log density (enumeration included)."""
-    point_elbo = point_elbo_class(num_particles=1, max_plate_nesting=max_plate_nesting)
+def _point_mass_negative_log_density(
+    model, guide: PreconditionedGuide, args, kwargs, elbo_class, max_plate_nesting: int, num_particles: int = 1
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``z -> -(log p(x, T(z)) + log|det J_T(z)|)`` by Pyro's own ELBO on a point-mass guide, so that plates,
+    scales, masks and enumerated sites (``TraceEnum_ELBO``) are handled as Pyro handles them.
+
+    ``z`` has shape ``(D,)``, or ``(num_particles, D)`` for the mean over a vectorized batch of points.
+    """
+    vectorized = num_particles > 1
+    point_elbo = elbo_class(
+        num_particles=num_particles, vectorize_particles=vectorized, max_plate_nesting=max_plate_nesting
+    )
 
     def negative_log_density(latent: torch.Tensor) -> torch.Tensor:
-        with guide.fixed_latent(latent):
+        point = latent if vectorized or latent.dim() == 1 else latent[0]
+        with guide.fixed_latent(point, max_plate_nesting):
             return point_elbo.differentiable_loss(model, guide, *args, **kwargs)
 
+    return negative_log_density
+
+
+def _laplace(model, guide: PreconditionedGuide, args, kwargs, point_elbo_class, max_plate_nesting: int):
+    """Laplace start: the point-mass ELBO of the guide is the unconstrained log density (enumeration included)."""
+    negative_log_density = _point_mass_negative_log_density(
+        model, guide, args, kwargs, point_elbo_class, max_plate_nesting
+    )
     return laplace_start(negative_log_density, guide.preconditioner_loc)
 
 
@@ -707,15 +722,9 @@ def _path_derivative_loss(
     """
     path_derivative = guide.supports_path_derivative
     if point_elbo_class is TraceEnum_ELBO:
-        vectorized = num_particles > 1
-        point_elbo = point_elbo_class(
-            num_particles=num_particles, vectorize_particles=vectorized, max_plate_nesting=max_plate_nesting
+        negative_log_density = _point_mass_negative_log_density(
+            model, guide, args, kwargs, point_elbo_class, max_plate_nesting, num_particles
         )
-
-        def negative_log_density(latent: torch.Tensor) -> torch.Tensor:
-            with guide.fixed_latent(latent if vectorized else latent[0], max_plate_nesting):
-                return point_elbo.differentiable_loss(model, guide, *args, **kwargs)
-
     else:
         negative_log_density = _negative_log_density(model, guide, args, kwargs, num_particles, max_plate_nesting)
 
