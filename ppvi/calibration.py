@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -33,7 +33,7 @@ from pyro import poutine
 from torch.distributions import biject_to
 
 from ppvi.convergence import StoppingRule, is_stationary
-from ppvi.fit import _max_plate_nesting, _seeded, _structure_trace
+from ppvi.fit import PRECONDITIONED_ADAM_EPSILON, _max_plate_nesting, _seeded, _structure_trace
 from ppvi.guides import DEFAULT_INIT_SCALE, MeanFieldGuide
 from ppvi.inputs import computation, prepare_arguments, resolve_device, resolve_dtype
 from ppvi.summary import component_names
@@ -41,15 +41,21 @@ from ppvi.summary import component_names
 #: Significance level of the KS test behind the verdict: strict, because a VSBC table tests many components at
 #: once and Yao et al. (2018) use the KS p-value as a screening statistic, not a single confirmatory test.
 ALPHA = 0.001
-#: Adam's learning rate in unconstrained units. Measured on eight schools (non-centred, mean-field, M = 1000)
-#: under the per-replication stopping rule: at 0.01 replications stop early, before mu has crossed its wide
-#: posterior (each 100 steps gain less than the rule's 0.05-nat tolerance), and VSBC falsely flags mu (KS p ~
-#: 4e-20); at 0.05 mu's KS p-value is 1.2e-3, at 0.1 it is 0.22, as with 5000 fixed steps at 0.01 (0.61).
+#: Adam's learning rate in each replication's whitened coordinates (as ppvi.fit's PRECONDITIONED_LEARNING_RATE:
+#: a tenth of a posterior sd per step), and in unconstrained units for replications without a Laplace start.
+#: Measured before whitening, on eight schools (non-centred, mean-field, M = 1000): at 0.01 replications stopped
+#: before mu had crossed its wide posterior and VSBC falsely flagged mu (KS p ~ 4e-20); at 0.1 it did not (0.22).
 DEFAULT_LEARNING_RATE = 0.1
 #: Cap on optimisation steps when ``steps`` is not given.
 DEFAULT_MAX_STEPS = 5000
 #: Learning-rate factor after a replication's first stationary point (the second stage of ppvi.training.STAGES).
 SECOND_STAGE_FACTOR = 0.2
+#: Newton iterations of the batched Laplace start (eight schools needs ~15 from the prior median).
+LAPLACE_MAX_ITERATIONS = 100
+#: Levenberg-Marquardt damping at the first Newton step, in units of the Hessian (nats per unconstrained unit^2).
+LAPLACE_INITIAL_DAMPING = 1e-3
+#: Newton decrement (predicted decrease of the negative log density, nats) below which a mode is accepted.
+LAPLACE_DECREMENT_TOLERANCE = 1e-9
 #: Guide draws per replication for ``p`` of components whose constraining transform is not elementwise monotone.
 MONTE_CARLO_DRAWS = 1000
 
@@ -185,10 +191,12 @@ def vsbc(
         its learning rate drops to :data:`SECOND_STAGE_FACTOR` times ``learning_rate`` (as in
         :data:`ppvi.training.STAGES`); at the second it is frozen at the average of its last 100 iterates (Polyak
         averaging) and stops contributing gradient. At most :data:`DEFAULT_MAX_STEPS` steps; replications still
-        running then are averaged the same way and reported ``converged=False``. Frozen replications are still
-        traced every step (the batch keeps its shape), so one slow replication sets the cost of the whole run.
+        running then are averaged the same way and reported ``converged=False``. Frozen replications leave the
+        batch, so the cost of a step falls as replications converge.
     learning_rate : float
-        Adam's learning rate, in unconstrained units (the guide starts at the prior median with scale 0.1); see
+        Adam's learning rate, in the whitened coordinates of each replication's Laplace approximation (the guide
+        starts there at N(0, I)); replications without a mode start at the prior median with scale 0.1 and train in
+        unconstrained units. See
         :data:`DEFAULT_LEARNING_RATE`.
     num_particles : int
         Monte Carlo draws per replication per step.
@@ -276,10 +284,12 @@ class _Engine:
             log_prob = log_prob.sum(dim=tuple(range(-mpn, 0)))
         return log_prob.broadcast_to(batch)
 
-    def log_joint(self, z: torch.Tensor) -> torch.Tensor:
-        """``log p(y_m, T(z)) + log|det J_T(z)|`` for ``z`` of shape ``(S, M, D)``: shape ``(S, M)``."""
-        S = z.shape[0]
-        batch = (S, self.M)
+    def log_joint(self, z: torch.Tensor, replications: torch.Tensor | None = None) -> torch.Tensor:
+        """``log p(y_m, T(z)) + log|det J_T(z)|`` for ``z`` of shape ``(S, A, D)``: shape ``(S, A)``, where the
+        ``A`` replications are those indexed by ``replications`` (default: all ``M``)."""
+        S, A = z.shape[0], z.shape[1]
+        batch = (S, A)
+        data = self.data if replications is None else {name: value[replications] for name, value in self.data.items()}
         values, total = {}, torch.zeros(batch, dtype=z.dtype, device=z.device)
         for name, (site, unconstrained) in self._unpack(z).items():
             transform = biject_to(site["fn"].support)
@@ -291,108 +301,213 @@ class _Engine:
             total = total + self._per_replication(jacobian, batch)
             values[name] = value
         particles = pyro.plate("_ppvi_particles", S, dim=-(self.max_plate_nesting + 2))
-        with particles, self.replications:
-            trace = poutine.trace(poutine.condition(self.model, data={**values, **self.data})).get_trace(*self.args)
+        replications = pyro.plate("_ppvi_replications", A, dim=-(self.max_plate_nesting + 1))
+        with particles, replications:
+            trace = poutine.trace(poutine.condition(self.model, data={**values, **data})).get_trace(*self.args)
         trace.compute_log_prob()
         for site in trace.nodes.values():
             if site["type"] == "sample":
                 total = total + self._per_replication(site["log_prob"], batch)
         return total
 
+    # -- Laplace start -------------------------------------------------------------------------------------------
+    def negative_log_joint(self, z: torch.Tensor) -> torch.Tensor:
+        """``-(log p(y_m, T(z_m)) + log|det J|)`` for ``z`` of shape ``(M, D)``: shape ``(M,)``."""
+        return -self.log_joint(z.unsqueeze(0)).squeeze(0)
+
+    def gradient_and_hessian(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Value ``(M,)``, gradient ``(M, D)`` and Hessian ``(M, D, D)`` of every replication's negative log joint.
+
+        Replications are independent, so the Hessian of the *sum* over replications is block diagonal and ``D``
+        Hessian-vector products (one per coordinate, all replications at once) give every block.
+        """
+        z = z.detach().requires_grad_(True)
+        value = self.negative_log_joint(z)
+        (gradient,) = torch.autograd.grad(value.sum(), z, create_graph=True)
+        rows = [
+            torch.autograd.grad(gradient[:, d].sum(), z, retain_graph=d + 1 < self.latent_dim)[0]
+            for d in range(self.latent_dim)
+        ]
+        return value.detach(), gradient.detach(), torch.stack(rows, dim=-2).detach()
+
+    def laplace(self, guide: str) -> _LaplaceStart:
+        """Every replication's posterior mode in unconstrained coordinates by damped Newton (Levenberg 1944,
+        Marquardt 1963: solve ``(H + lambda I) step = -g``, shrinking ``lambda`` after a decrease of the objective
+        and growing it after a failed one), all replications at once; then the whitening map of the Hessian there.
+        """
+        M, D = self.M, self.latent_dim
+        z = self.init_loc.expand(M, D).clone()
+        damping = torch.full((M,), LAPLACE_INITIAL_DAMPING)
+        identity = torch.eye(D)
+        done = torch.zeros(M, dtype=torch.bool)
+        failed = torch.zeros(M, dtype=torch.bool)
+        value, gradient, hessian = self.gradient_and_hessian(z)
+        for _ in range(LAPLACE_MAX_ITERATIONS):
+            # A replication whose density or derivatives are not finite at its iterate has no usable mode.
+            failed = failed | ~(torch.isfinite(value) & torch.isfinite(hessian).flatten(1).all(-1))
+            failed = failed | ~torch.isfinite(gradient).all(-1)
+            done = done | failed
+            hessian = torch.where(failed[:, None, None], identity, hessian)
+            gradient = torch.where(failed[:, None], torch.zeros_like(gradient), gradient)
+            factor, info = torch.linalg.cholesky_ex(hessian + damping[:, None, None] * identity)
+            while bool((info > 0).any()):  # not positive definite: more damping, until a descent direction
+                damping = torch.where(info > 0, damping * 10.0, damping)
+                factor, info = torch.linalg.cholesky_ex(hessian + damping[:, None, None] * identity)
+            step = -torch.cholesky_solve(gradient.unsqueeze(-1), factor).squeeze(-1)
+            # Newton decrement: half the predicted decrease of the objective along the step.
+            decrement = -(gradient * step).sum(-1)
+            done = done | (torch.isfinite(value) & (decrement < LAPLACE_DECREMENT_TOLERANCE))
+            if bool(done.all()):
+                break
+            candidate = torch.where(done[:, None], z, z + step)
+            with torch.no_grad():
+                candidate_value = self.negative_log_joint(candidate)
+            improved = ~done & torch.isfinite(candidate_value) & (candidate_value < value)
+            z = torch.where(improved[:, None], candidate, z)
+            damping = torch.where(improved, (damping / 3.0).clamp_min(1e-12), damping * 10.0)
+            if bool(improved.any()):
+                value, gradient, hessian = self.gradient_and_hessian(z)
+        # A usable Laplace approximation: the decrement criterion met and a positive definite Hessian.
+        hessian = 0.5 * (hessian + hessian.transpose(-1, -2))
+        cholesky, info = torch.linalg.cholesky_ex(hessian)
+        succeeded = done & ~failed & (info == 0) & torch.isfinite(z).all(-1)
+        center = torch.where(succeeded[:, None], z, self.init_loc.expand(M, D))
+        if guide == "meanfield":
+            # Conditional sds 1 / sqrt(H_dd): the mean-field optimum for a Gaussian target.
+            diagonal = torch.diagonal(hessian, dim1=-2, dim2=-1).clamp_min(1e-300)
+            factor = torch.where(succeeded[:, None], diagonal.rsqrt(), torch.ones(M, D))
+        else:
+            safe = torch.where(succeeded[:, None, None], cholesky, identity.expand(M, D, D))
+            # A lower-triangular square root of H^{-1}: the Cholesky factor of the covariance.
+            covariance_factor = torch.linalg.cholesky(torch.cholesky_inverse(safe))
+            factor = torch.where(succeeded[:, None, None], covariance_factor, identity.expand(M, D, D))
+        return _LaplaceStart(center, factor, succeeded)
+
     # -- optimisation --------------------------------------------------------------------------------------------
     def optimise(self, guide: str, steps: int | None, learning_rate: float, num_particles: int):
-        M, D = self.M, self.latent_dim
-        loc = self.init_loc.expand(M, D).clone().requires_grad_(True)
-        raw_init = math.log(math.expm1(DEFAULT_INIT_SCALE))  # softplus^{-1}(0.1)
-        raw_scale = torch.full((M, D), raw_init).requires_grad_(True)
-        parameters = [loc, raw_scale]
-        strictly_lower = torch.ones(D, D).tril(-1)
-        if guide == "fullrank":
-            lower = torch.zeros(M, D, D, requires_grad=True)
-            parameters.append(lower)
+        """Train all replications; returns the (Polyak-averaged) ``loc`` ``(M, D)`` and scale (``(M, D)`` sds or
+        ``(M, D, D)`` Cholesky factors). Sets ``converged``, ``steps_taken`` and ``losses`` (NaN once frozen).
 
-        def scale_of(loc, raw_scale, *rest):
+        The batch shrinks as replications freeze: only active replications are simulated, differentiated and
+        updated, so the cost of a step falls with the number still training.
+        """
+        M, D = self.M, self.latent_dim
+        # Each replication is trained in the whitened coordinates w of its own Laplace approximation,
+        # z = center + factor @ w (a diagonal factor for mean-field, which keeps the family mean-field), where its
+        # posterior is about N(0, I): one learning rate then suits replications whose posteriors differ by orders
+        # of magnitude in scale. Replications without a usable mode start at the prior median with scale 0.1.
+        start = self.laplace(guide)
+        self.laplace_succeeded = start.succeeded.cpu().numpy()
+        center, factor = start.center, start.factor
+        raw_unit = math.log(math.expm1(1.0))  # softplus^{-1}(1): q = N(0, I) in whitened coordinates
+        raw_fallback = math.log(math.expm1(DEFAULT_INIT_SCALE))
+        raw_init = torch.where(start.succeeded, torch.tensor(raw_unit), torch.tensor(raw_fallback))
+        parameters = [torch.zeros(M, D), raw_init.unsqueeze(-1).expand(M, D).clone()]
+        if guide == "fullrank":
+            parameters.append(torch.zeros(M, D, D))
+        # Adam's epsilon as ppvi.fit uses it: 0.1 in whitened coordinates (PRECONDITIONED_ADAM_EPSILON), Adam's own
+        # 1e-8 in raw ones.
+        epsilon_of = torch.where(start.succeeded, torch.tensor(PRECONDITIONED_ADAM_EPSILON), torch.tensor(1e-8))
+        adam = _BatchedAdam(parameters)
+        active = torch.arange(M)  # global indices of the replications still training
+        strictly_lower = torch.ones(D, D).tril(-1)
+
+        def scale_of(raw_scale, *rest):
             diagonal = torch.nn.functional.softplus(raw_scale)
             if guide == "meanfield":
                 return diagonal
             return torch.diag_embed(diagonal) + rest[0] * strictly_lower
 
-        optimizer = torch.optim.Adam(parameters, lr=learning_rate)
+        def unwhiten(loc, scale, replications):
+            if guide == "meanfield":
+                return center[replications] + factor[replications] * loc, factor[replications] * scale
+            lower = factor[replications]
+            return center[replications] + (lower @ loc.unsqueeze(-1)).squeeze(-1), lower @ scale
+
         window = StoppingRule().window
+        rule = StoppingRule(window=window)
         max_steps = steps if steps is not None else DEFAULT_MAX_STEPS
-        losses = np.empty((max_steps, M))
-        active = torch.ones(M, dtype=torch.bool)
-        final_loc, final_scale = torch.zeros(M, D), None
-        block_loc, block_scale, block_count = torch.zeros(M, D), None, 0
+        losses = np.full((max_steps, M), np.nan)
+        final_loc = torch.zeros(M, D)
+        final_scale = torch.zeros(M, D) if guide == "meanfield" else torch.zeros(M, D, D)
+        block_loc, block_scale, block_count = None, None, 0
         self.steps_taken = np.full(M, max_steps)
         converged = np.zeros(M, dtype=bool)
-        rule = StoppingRule(window=window)
         stage, stage_start = np.zeros(M, dtype=int), np.zeros(M, dtype=int)
         step_factor = torch.ones(M)
         for step in range(max_steps):
-            optimizer.zero_grad(set_to_none=True)
-            scale = scale_of(*parameters)
-            epsilon = torch.randn(num_particles, M, D)
+            leaves = [parameter.detach().requires_grad_(True) for parameter in parameters]
+            loc, scale = leaves[0], scale_of(*leaves[1:])
+            epsilon = torch.randn(num_particles, len(active), D)
+            # Path-derivative estimator (Roeder et al. 2017): log q with its parameters detached. The constant
+            # log|det factor| of the change of variables is left out of the loss.
             if guide == "meanfield":
-                z = loc + scale * epsilon
-                log_q = torch.distributions.Normal(loc.detach(), scale.detach()).log_prob(z).sum(-1)
+                w = loc + scale * epsilon
+                log_q = torch.distributions.Normal(loc.detach(), scale.detach()).log_prob(w).sum(-1)
+                z = center[active] + factor[active] * w
             else:
-                z = loc + (scale @ epsilon.unsqueeze(-1)).squeeze(-1)
+                w = loc + (scale @ epsilon.unsqueeze(-1)).squeeze(-1)
                 log_q = torch.distributions.MultivariateNormal(
                     loc.detach(), scale_tril=scale.detach(), validate_args=False
-                ).log_prob(z)
-            per_replication = (log_q - self.log_joint(z)).mean(0)
+                ).log_prob(w)
+                z = center[active] + (factor[active] @ w.unsqueeze(-1)).squeeze(-1)
+            per_replication = (log_q - self.log_joint(z, active)).mean(0)
             finite = torch.isfinite(per_replication)
-            loss = torch.where(active & finite, per_replication, torch.zeros_like(per_replication)).sum()
-            loss.backward()
-            for parameter in parameters:
-                parameter.grad.nan_to_num_(0.0, 0.0, 0.0)
-            previous = [parameter.detach().clone() for parameter in parameters]
-            optimizer.step()
-            with torch.no_grad():  # per-replication learning rate: scale each replication's Adam update
-                for parameter, before in zip(parameters, previous, strict=True):
-                    factor = step_factor.reshape(M, *(1,) * (parameter.dim() - 1))
-                    parameter.copy_(before + factor * (parameter - before))
-            losses[step] = per_replication.detach().double().cpu().numpy()
+            loss = torch.where(finite, per_replication, torch.zeros_like(per_replication)).sum()
+            gradients = torch.autograd.grad(loss, leaves)
             with torch.no_grad():
-                current_scale = scale_of(*parameters)
+                parameters = adam.step(
+                    [leaf.detach() for leaf in leaves],
+                    [gradient.nan_to_num(0.0, 0.0, 0.0) for gradient in gradients],
+                    learning_rate * step_factor[active],
+                    epsilon_of[active],
+                )
+                losses[step, active.cpu().numpy()] = per_replication.detach().double().cpu().numpy()
+                current_loc, current_scale = unwhiten(parameters[0], scale_of(*parameters[1:]), active)
                 if block_count == 0:
-                    block_loc, block_scale = loc.detach().clone(), current_scale.clone()
+                    block_loc, block_scale = current_loc.clone(), current_scale.clone()
                 else:
-                    block_loc += loc.detach()
+                    block_loc += current_loc
                     block_scale += current_scale
                 block_count += 1
-                final_scale = current_scale.clone() if final_scale is None else final_scale
-                done = (step + 1) % window == 0 or step + 1 == max_steps
-                if not done:
+                if (step + 1) % window != 0 and step + 1 != max_steps:
                     continue
                 average_loc, average_scale = block_loc / block_count, block_scale / block_count
                 block_count = 0
-                if steps is None:
+                positions = np.arange(len(active))  # positions in the active batch
+                global_index = active.cpu().numpy()
+                if step + 1 == max_steps:
+                    newly = positions
+                elif steps is None:
                     trace = losses[: step + 1]
                     stationary = [
-                        m for m in np.flatnonzero(active.cpu().numpy())
+                        i for i, m in zip(positions, global_index, strict=True)
                         if np.isfinite(trace[-2 * window :, m]).all()
                         and is_stationary(trace[stage_start[m] :, m], rule)
                     ]
                     # First stationary point: learning rate / 5 (as ppvi.training's STAGES); second: done.
-                    first = [m for m in stationary if stage[m] == 0]
-                    stage[first] = 1
-                    stage_start[first] = step + 1
-                    step_factor[torch.as_tensor(first, dtype=torch.long)] = SECOND_STAGE_FACTOR
-                    newly = torch.as_tensor([m for m in stationary if m not in set(first)], dtype=torch.long)
-                    if step + 1 == max_steps:
-                        newly = torch.nonzero(active).flatten()
-                    else:
-                        converged[newly.cpu().numpy()] = True
+                    first = [i for i in stationary if stage[global_index[i]] == 0]
+                    stage[global_index[first]] = 1
+                    stage_start[global_index[first]] = step + 1
+                    step_factor[torch.as_tensor(global_index[first], dtype=torch.long)] = SECOND_STAGE_FACTOR
+                    newly = np.asarray(sorted(set(stationary) - set(first)), dtype=int)
+                    converged[global_index[newly]] = True
                 else:
-                    newly = torch.arange(M) if step + 1 == max_steps else torch.zeros(0, dtype=torch.long)
-                final_loc[newly] = average_loc[newly]
-                final_scale[newly] = average_scale[newly]
-                self.steps_taken[newly.cpu().numpy()] = step + 1
-                active[newly] = False
-                if not active.any():
+                    newly = np.zeros(0, dtype=int)
+                if len(newly) == 0:
+                    continue
+                frozen = torch.as_tensor(global_index[newly], dtype=torch.long)
+                newly_positions = torch.as_tensor(newly, dtype=torch.long)
+                final_loc[frozen] = average_loc[newly_positions]
+                final_scale[frozen] = average_scale[newly_positions]
+                self.steps_taken[global_index[newly]] = step + 1
+                keep = torch.ones(len(active), dtype=torch.bool)
+                keep[newly_positions] = False
+                if not keep.any():
                     break
+                active = active[keep]
+                parameters = [parameter[keep] for parameter in parameters]
+                adam.keep(keep)
         self.converged = converged
         self.losses = losses[: step + 1]
         return final_loc, final_scale
@@ -424,6 +539,51 @@ class _Engine:
                 p = (value < theta0).double().mean(0)
             result[name] = p.double().cpu().numpy()
         return result
+
+
+class _LaplaceStart(NamedTuple):
+    """Per replication: ``center`` ``(M, D)``, whitening ``factor`` (``(M, D)`` or ``(M, D, D)``) and whether the
+    mode and a positive definite Hessian were found (``succeeded``, ``(M,)``)."""
+
+    center: torch.Tensor
+    factor: torch.Tensor
+    succeeded: torch.Tensor
+
+
+class _BatchedAdam:
+    """Adam (Kingma & Ba 2015) on parameters with a leading replication dimension, with a learning rate and an
+    epsilon per replication; :meth:`keep` drops replications (their moments with them) when they stop training."""
+
+    BETAS = (0.9, 0.999)  # Adam's published defaults, as torch.optim.Adam
+
+    def __init__(self, parameters: list[torch.Tensor]):
+        self.first = [torch.zeros_like(parameter) for parameter in parameters]
+        self.second = [torch.zeros_like(parameter) for parameter in parameters]
+        self.count = 0
+
+    def step(
+        self,
+        parameters: list[torch.Tensor],
+        gradients: list[torch.Tensor],
+        learning_rate: torch.Tensor,
+        epsilon: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        beta1, beta2 = self.BETAS
+        self.count += 1
+        correction1, correction2 = 1 - beta1**self.count, 1 - beta2**self.count
+        updated = []
+        for index, (parameter, gradient) in enumerate(zip(parameters, gradients, strict=True)):
+            self.first[index].mul_(beta1).add_(gradient, alpha=1 - beta1)
+            self.second[index].mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+            shape = (-1, *(1,) * (parameter.dim() - 1))
+            denominator = (self.second[index] / correction2).sqrt_().add_(epsilon.reshape(shape))
+            rate = learning_rate.reshape(shape) / correction1
+            updated.append(parameter - rate * self.first[index] / denominator)
+        return updated
+
+    def keep(self, mask: torch.Tensor) -> None:
+        self.first = [moment[mask] for moment in self.first]
+        self.second = [moment[mask] for moment in self.second]
 
 
 class _Uncondition(poutine.messenger.Messenger):
