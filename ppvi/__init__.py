@@ -3,7 +3,8 @@
 ``ppvi.fit(model, *data, guide="meanfield")`` fits; the result samples, summarises, saves, converts to ArviZ.
 """
 
-from ppvi.calibration import VSBCResult, vsbc
+from ppvi import data
+from ppvi.calibration import SBCResult, VSBCResult, sbc, vsbc
 from ppvi.compare import compare
 from ppvi.convergence import StoppingRule
 from ppvi.fit import Diagnosis, Expectation, Fit, NonFiniteELBOError, fit
@@ -18,11 +19,14 @@ __all__ = [
     "Fit",
     "GuideSpec",
     "NonFiniteELBOError",
+    "SBCResult",
     "StoppingRule",
     "VSBCResult",
     "compare",
+    "data",
     "fit",
     "load",
     "plot_comparison",
+    "sbc",
     "vsbc",
 ]

@@ -50,6 +50,12 @@ DEFAULT_LEARNING_RATE = 0.1
 DEFAULT_MAX_STEPS = 5000
 #: Learning-rate factor after a replication's first stationary point (the second stage of ppvi.training.STAGES).
 SECOND_STAGE_FACTOR = 0.2
+#: Guide draws per batch when counting SBC ranks (bounds memory at RANK_CHUNK x M x D values).
+RANK_CHUNK = 100
+#: Probability of the simultaneous ECDF band behind SBC's verdicts and plots.
+BAND_PROBABILITY = 0.95
+#: Simulated uniform samples behind the simultaneous band's pointwise level (Säilynoja et al. 2022, section 3.2).
+BAND_SIMULATIONS = 2000
 #: Newton iterations of the batched Laplace start (eight schools needs ~15 from the prior median).
 LAPLACE_MAX_ITERATIONS = 100
 #: Levenberg-Marquardt damping at the first Newton step, in units of the Hessian (nats per unconstrained unit^2).
@@ -81,6 +87,8 @@ class VSBCResult:
         Wall time of simulation, optimisation and ``p`` computation.
     guide : str
         ``"meanfield"`` or ``"fullrank"``.
+    laplace_succeeded : numpy.ndarray
+        Per replication, whether it started from (and was whitened by) its Laplace approximation.
     alpha : float
         Level of the KS test behind the verdicts.
     """
@@ -92,6 +100,7 @@ class VSBCResult:
     steps: np.ndarray
     seconds: float
     guide: str
+    laplace_succeeded: np.ndarray
     alpha: float = ALPHA
     #: The fitted guides: unconstrained means and marginal sds of the flat latent vector, shape ``(M, D)``.
     loc: np.ndarray | None = field(default=None, repr=False)
@@ -157,6 +166,145 @@ class VSBCResult:
         return figure
 
 
+def simultaneous_ecdf_band(
+    sample_size: int,
+    cdf: np.ndarray,
+    probability: float = BAND_PROBABILITY,
+    num_simulations: int = BAND_SIMULATIONS,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Simultaneous ``probability`` band for the ECDF of ``sample_size`` draws, at points where the true CDF is
+    ``cdf`` (Säilynoja, Bürkner & Vehtari 2022, "Graphical test for discrete uniformity and its applications in
+    goodness-of-fit evaluation and multiple sample comparison", Statistics and Computing; simulation method).
+
+    The ECDF counts at the points form a binomial process; simulating it (a multinomial over the gaps between
+    points) gives the distribution of the smallest two-sided pointwise tail probability along a whole ECDF, and its
+    ``1 - probability`` quantile ``gamma`` is the pointwise level at which binomial intervals hold the whole ECDF
+    with probability ``probability``. Valid for discrete uniform ranks as for continuous PIT values.
+
+    Returns
+    -------
+    lower, upper : numpy.ndarray
+        Band limits for the ECDF (fractions in [0, 1]) at each point.
+    """
+    from scipy.stats import binom
+
+    cdf = np.asarray(cdf, dtype=np.float64)
+    if cdf.ndim != 1 or np.any(np.diff(cdf) < 0) or cdf.min() < 0 or cdf.max() > 1:
+        raise ValueError("cdf must be a non-decreasing 1-D array of probabilities")
+    gaps = np.diff(np.concatenate([[0.0], cdf, [1.0]])).clip(min=0.0)
+    counts = np.random.default_rng(seed).multinomial(sample_size, gaps / gaps.sum(), size=num_simulations)
+    counts = counts.cumsum(axis=1)[:, :-1]  # ECDF counts at the points, (num_simulations, points)
+    tails = 2 * np.minimum(binom.cdf(counts, sample_size, cdf), binom.sf(counts - 1, sample_size, cdf))
+    gamma = float(np.quantile(tails.min(axis=1), 1.0 - probability))
+    lower = binom.ppf(gamma / 2, sample_size, cdf) / sample_size
+    upper = binom.ppf(1 - gamma / 2, sample_size, cdf) / sample_size
+    return lower, upper
+
+
+@dataclass
+class SBCResult:
+    """The outcome of :func:`sbc`.
+
+    Attributes
+    ----------
+    ranks : dict of str to numpy.ndarray
+        ``#{l : theta_l < theta0}`` per latent site, integers in ``0..num_draws``, shape
+        ``(num_simulations, *site_shape)``.
+    num_draws : int
+        Guide draws per replication (``L``).
+    theta0, data, converged, steps, seconds, guide, laplace_succeeded
+        As :class:`VSBCResult`.
+    """
+
+    ranks: dict[str, np.ndarray]
+    num_draws: int
+    theta0: dict[str, np.ndarray]
+    data: dict[str, np.ndarray]
+    converged: np.ndarray
+    steps: np.ndarray
+    seconds: float
+    guide: str
+    laplace_succeeded: np.ndarray
+
+    @property
+    def num_simulations(self) -> int:
+        return int(self.converged.shape[0])
+
+    def components(self) -> dict[str, np.ndarray]:
+        """``{component name: ranks over replications}``, names as ArviZ writes them."""
+        columns = {}
+        for name, values in self.ranks.items():
+            flat = values.reshape(values.shape[0], -1)
+            for index, label in enumerate(component_names(name, values.shape[1:])):
+                columns[label] = flat[:, index]
+        return columns
+
+    def ecdf_difference(self, probability: float = BAND_PROBABILITY) -> dict[str, tuple[np.ndarray, ...]]:
+        """Per component: fractional ranks ``x``, ECDF minus uniform CDF at ``x``, and the simultaneous band
+        (lower, upper) minus the uniform CDF, at the ``L`` points ``x_i = (i + 1) / (L + 1)``, ``i = 0..L-1``."""
+        L, M = self.num_draws, self.num_simulations
+        x = np.arange(1, L + 1) / (L + 1)  # P(rank <= i) under uniformity
+        lower, upper = simultaneous_ecdf_band(M, x, probability)
+        result = {}
+        for label, ranks in self.components().items():
+            ecdf = np.searchsorted(np.sort(ranks), np.arange(L), side="right") / M
+            result[label] = (x, ecdf - x, lower - x, upper - x)
+        return result
+
+    def to_dataframe(self, probability: float = BAND_PROBABILITY, bins: int = 20) -> pd.DataFrame:
+        """Per scalar component: the mean fractional rank ``rank / L`` (above 0.5: ``q`` sits too low), the share of
+        ranks in the outer halves (above 0.5: ``q`` too narrow), a chi-square test of uniform ranks over ``bins``
+        equal-width bins, whether the ECDF stays inside the simultaneous band, and a verdict."""
+        from scipy.stats import chisquare
+
+        L, M = self.num_draws, self.num_simulations
+        bins = min(bins, L + 1)
+        edges = np.linspace(0, L + 1, bins + 1).round().astype(int)  # bins of rank values [edges[b], edges[b+1])
+        expected = M * np.diff(edges) / (L + 1)
+        rows = {}
+        for label, (_, difference, lower, upper) in self.ecdf_difference(probability).items():
+            ranks = self.components()[label]
+            fraction = ranks / L
+            observed = np.histogram(ranks, bins=edges)[0]
+            inside = bool(np.all((difference >= lower - 1e-12) & (difference <= upper + 1e-12)))
+            mean_rank = float(fraction.mean())
+            outer = float(np.mean((fraction < 0.25) | (fraction > 0.75)))
+            if inside:
+                verdict = "uniform"
+            elif abs(mean_rank - 0.5) > 2 * math.sqrt(1 / 12 / M):  # two standard errors of a uniform mean
+                verdict = "non-uniform (q too low)" if mean_rank > 0.5 else "non-uniform (q too high)"
+            else:
+                verdict = "non-uniform (q too narrow)" if outer > 0.5 else "non-uniform (q too wide)"
+            rows[label] = {
+                "mean_rank": mean_rank, "outer_share": outer,
+                "chi2_pvalue": float(chisquare(observed, expected).pvalue), "within_band": inside, "verdict": verdict,
+            }
+        return pd.DataFrame.from_dict(rows, orient="index")
+
+    def plot(self, probability: float = BAND_PROBABILITY):
+        """ECDF difference plots of the ranks with the simultaneous band, one panel per component (a Figure)."""
+        import matplotlib.pyplot as plt
+
+        curves = self.ecdf_difference(probability)
+        count = len(curves)
+        ncols = min(count, 4)
+        nrows = math.ceil(count / ncols)
+        figure, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 2.4 * nrows), squeeze=False)
+        for axis, (label, (x, difference, lower, upper)) in zip(axes.flat, curves.items(), strict=False):
+            axis.fill_between(x, lower, upper, step="post", color="C0", alpha=0.2, linewidth=0)
+            axis.step(x, difference, where="post", color="C0")
+            axis.axhline(0.0, color="0.5", linewidth=0.5)
+            axis.set_title(label, fontsize=9)
+            axis.set_xlim(0.0, 1.0)
+        for axis in list(axes.flat)[count:]:
+            axis.set_visible(False)
+        figure.supxlabel("fractional rank")
+        figure.supylabel("ECDF difference")
+        figure.tight_layout()
+        return figure
+
+
 def vsbc(
     model: Callable,
     *args,
@@ -210,6 +358,71 @@ def vsbc(
     VSBCResult
     """
     started = time.perf_counter()
+    engine, loc, scale = _simulate_and_fit(
+        model, args, observed, guide, num_simulations, steps, learning_rate, num_particles, seed, device,
+        shift=_shift, compute=lambda engine, loc, scale: engine.p_values(loc, scale, guide),
+    )
+    sd = _marginal_sd(scale, guide)
+    return VSBCResult(
+        p_values=engine.computed, **_common_fields(engine, guide, started),
+        loc=loc.double().cpu().numpy(), sd=sd.double().cpu().numpy(),
+    )
+
+
+def sbc(
+    model: Callable,
+    *args,
+    observed: str | Sequence[str],
+    guide: Literal["meanfield", "fullrank"] = "meanfield",
+    num_simulations: int = 1000,
+    num_draws: int = 99,
+    steps: int | None = None,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
+    num_particles: int = 8,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    _shift: float = 0.0,
+) -> SBCResult:
+    """Simulation-based calibration (Talts, Betancourt, Simpson, Vehtari & Gelman 2018) of a Gaussian ADVI guide.
+
+    The simulations and the batched fits are those of :func:`vsbc`; each fitted guide then gives ``num_draws``
+    independent draws ``theta_1..theta_L`` and, per scalar component, the rank ``#{l : theta_l < theta0}`` in
+    ``0..L``. For the exact posterior the ranks are uniform on ``0..L``; SBC asks for that (a stronger demand than
+    VSBC's symmetry, which a variational approximation rarely meets exactly, so read its verdicts as a description
+    of *how* ``q`` is off). :meth:`SBCResult.plot` draws the ECDF difference with simultaneous bands
+    (Säilynoja, Bürkner & Vehtari 2022).
+
+    Parameters
+    ----------
+    model, *args, observed, guide, num_simulations, steps, learning_rate, num_particles, seed, device
+        As :func:`vsbc`.
+    num_draws : int
+        ``L``, guide draws per replication; ranks take ``L + 1`` values. Talts et al. suggest ``L + 1`` dividing
+        into equal histogram bins, hence the default 99 (100 rank values).
+
+    Returns
+    -------
+    SBCResult
+    """
+    started = time.perf_counter()
+    if not isinstance(num_draws, int) or num_draws < 1:
+        raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}")
+    engine, _, _ = _simulate_and_fit(
+        model, args, observed, guide, num_simulations, steps, learning_rate, num_particles, seed, device,
+        shift=_shift, compute=lambda engine, loc, scale: engine.ranks(loc, scale, guide, num_draws),
+    )
+    return SBCResult(ranks=engine.computed, num_draws=num_draws, **_common_fields(engine, guide, started))
+
+
+def _marginal_sd(scale: torch.Tensor, guide: str) -> torch.Tensor:
+    return scale if guide == "meanfield" else scale.pow(2).sum(-1).sqrt()
+
+
+def _simulate_and_fit(
+    model, args, observed, guide, num_simulations, steps, learning_rate, num_particles, seed, device, shift, compute
+):
+    """Validate, simulate ``M`` data sets, fit all replications at once, and run ``compute(engine, loc, scale)``
+    (stored as ``engine.computed``) under the same seed, device and dtype."""
     if guide not in ("meanfield", "fullrank"):
         raise ValueError(f"guide must be 'meanfield' or 'fullrank', got {guide!r}")
     if not isinstance(num_simulations, int) or num_simulations < 2:
@@ -219,22 +432,23 @@ def vsbc(
     observed = [observed] if isinstance(observed, str) else list(observed)
     resolved_device = resolve_device(device)
     dtype = resolve_dtype("auto", resolved_device)
-    M = num_simulations
     with computation(resolved_device, dtype), _seeded(seed):
         args, _ = prepare_arguments(model, args, {}, resolved_device, dtype)
-        engine = _Engine(model, args, observed, M)
+        engine = _Engine(model, args, observed, num_simulations)
         loc, scale = engine.optimise(guide, steps, learning_rate, num_particles)
         with torch.no_grad():
-            sd = scale if guide == "meanfield" else scale.pow(2).sum(-1).sqrt()
-            loc = loc + _shift * sd
-            p_values = engine.p_values(loc, scale, guide)
-    return VSBCResult(
-        p_values=p_values,
-        theta0={name: value.double().cpu().numpy() for name, value in engine.theta0.items()},
-        data={name: value.double().cpu().numpy() for name, value in engine.observed_values().items()},
-        converged=engine.converged, steps=engine.steps_taken, seconds=time.perf_counter() - started, guide=guide,
-        loc=loc.double().cpu().numpy(), sd=sd.double().cpu().numpy(),
-    )
+            loc = loc + shift * _marginal_sd(scale, guide)  # a deliberately biased guide, for tests
+            engine.computed = compute(engine, loc, scale)
+    return engine, loc, scale
+
+
+def _common_fields(engine: _Engine, guide: str, started: float) -> dict:
+    return {
+        "theta0": {name: value.double().cpu().numpy() for name, value in engine.theta0.items()},
+        "data": {name: value.double().cpu().numpy() for name, value in engine.observed_values().items()},
+        "converged": engine.converged, "steps": engine.steps_taken, "seconds": time.perf_counter() - started,
+        "guide": guide, "laplace_succeeded": engine.laplace_succeeded,
+    }
 
 
 class _Engine:
@@ -302,9 +516,12 @@ class _Engine:
             values[name] = value
         particles = pyro.plate("_ppvi_particles", S, dim=-(self.max_plate_nesting + 2))
         replications = pyro.plate("_ppvi_replications", A, dim=-(self.max_plate_nesting + 1))
-        with particles, replications:
+        # Without argument validation: one replication's out-of-support value (a Newton trial step, an early Adam
+        # step) must give that replication a non-finite log density, which is handled per replication, not an
+        # exception that stops all M.
+        with particles, replications, pyro.validation_enabled(False):
             trace = poutine.trace(poutine.condition(self.model, data={**values, **data})).get_trace(*self.args)
-        trace.compute_log_prob()
+            trace.compute_log_prob()
         for site in trace.nodes.values():
             if site["type"] == "sample":
                 total = total + self._per_replication(site["log_prob"], batch)
@@ -539,6 +756,19 @@ class _Engine:
                 p = (value < theta0).double().mean(0)
             result[name] = p.double().cpu().numpy()
         return result
+
+    def ranks(self, loc: torch.Tensor, scale: torch.Tensor, guide: str, num_draws: int) -> dict[str, np.ndarray]:
+        """SBC ranks ``#{l : theta_l < theta0}`` of ``num_draws`` independent guide draws, per site."""
+        counts = {name: torch.zeros(value.shape, dtype=torch.long) for name, value in self.theta0.items()}
+        for first in range(0, num_draws, RANK_CHUNK):
+            chunk = min(RANK_CHUNK, num_draws - first)
+            epsilon = torch.randn(chunk, self.M, self.latent_dim)
+            z = loc + (scale * epsilon if guide == "meanfield" else (scale @ epsilon.unsqueeze(-1)).squeeze(-1))
+            for name, (site, unconstrained) in self._unpack(z).items():
+                theta0 = self.theta0[name]
+                value = biject_to(site["fn"].support)(unconstrained).reshape(chunk, *theta0.shape)
+                counts[name] += (value < theta0).sum(0)
+        return {name: count.cpu().numpy() for name, count in counts.items()}
 
 
 class _LaplaceStart(NamedTuple):
