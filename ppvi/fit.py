@@ -321,9 +321,11 @@ class Fit:
             with torch.enable_grad():
                 log_joint = [-negative_log_density(point.clone().requires_grad_(True)).detach() for point in latent]
             log_weights = torch.stack(log_joint) - posterior.log_prob(latent)
+            # One batch dimension per draw, left of the model's plates: sites inside plates unpack to their shape.
+            batched = latent.reshape(num_samples, *(1,) * self.max_plate_nesting, latent.shape[-1])
             draws = {
                 site["name"]: biject_to(site["fn"].support)(unconstrained).reshape(num_samples, *shapes[site["name"]])
-                for site, unconstrained in self.guide._unpack_latent(latent)
+                for site, unconstrained in self.guide._unpack_latent(batched)
                 if site["name"] in shapes
             }
         return draws, log_weights.double()
