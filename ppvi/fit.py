@@ -304,23 +304,35 @@ class Fit:
 
     def _marginal_weighted_draws(self, num_samples: int, seed: int | None):
         """Weights for models with enumerated discrete sites: ``log p(x, theta)`` with the discrete sites summed
-        out (TraceEnum_ELBO on a point-mass guide, one draw at a time) minus ``log q(theta)``."""
+        out, minus ``log q(theta)``.
+
+        When the model broadcasts over a batch of draws left of its plates (as for vectorized particles), the
+        marginal log joint of many draws comes from one enumerated trace per pass (:func:`_marginal_log_density`);
+        otherwise from TraceEnum_ELBO on a point-mass guide, one draw at a time.
+        """
         if not isinstance(self.guide, PreconditionedGuide):
             raise ValueError(
                 "importance weights of a model with enumerated sites need the marginal likelihood, available for "
                 "ppvi's registry guides; this guide is a different kind"
             )
-        negative_log_density = _point_mass_negative_log_density(
-            self.model, self.guide, self.args, self.kwargs, TraceEnum_ELBO, self.max_plate_nesting
-        )
         shapes = self.site_shapes()
-        with computation(self.device, self.dtype), torch.no_grad(), _seeded(seed):
+        # The fit's thread rule: one batch of draws of a small model is still small work, which a second thread
+        # slows down when the cores are busy.
+        threads = threads_for(self.args, self.kwargs, self.device)
+        with computation(self.device, self.dtype, threads), torch.no_grad(), _seeded(seed):
             posterior = self.guide.posterior()
             latent = posterior.sample((num_samples,))
-            # TraceEnum_ELBO insists on a differentiable loss: let it differentiate with respect to each point.
-            with torch.enable_grad():
-                log_joint = [-negative_log_density(point.clone().requires_grad_(True)).detach() for point in latent]
-            log_weights = torch.stack(log_joint) - posterior.log_prob(latent)
+            log_joint = None
+            if self._vectorizable:
+                try:
+                    log_joint = _batched_marginal_log_density(
+                        self.model, self.guide, self.args, self.kwargs, latent, self.max_plate_nesting
+                    )
+                except (ValueError, RuntimeError, IndexError):
+                    self._vectorizable = False
+            if log_joint is None:
+                log_joint = self._sequential_marginal_log_density(latent)
+            log_weights = log_joint.double() - posterior.log_prob(latent).double()
             # One batch dimension per draw, left of the model's plates: sites inside plates unpack to their shape.
             batched = latent.reshape(num_samples, *(1,) * self.max_plate_nesting, latent.shape[-1])
             draws = {
@@ -328,7 +340,17 @@ class Fit:
                 for site, unconstrained in self.guide._unpack_latent(batched)
                 if site["name"] in shapes
             }
-        return draws, log_weights.double()
+        return draws, log_weights
+
+    def _sequential_marginal_log_density(self, latent: torch.Tensor) -> torch.Tensor:
+        """``log p(x, T(z)) + log|det J_T(z)|`` of every row of ``latent``, one TraceEnum_ELBO per draw: for models
+        that do not broadcast over a batch of draws."""
+        negative_log_density = _point_mass_negative_log_density(
+            self.model, self.guide, self.args, self.kwargs, TraceEnum_ELBO, self.max_plate_nesting
+        )
+        # TraceEnum_ELBO insists on a differentiable loss: let it differentiate with respect to each point.
+        with torch.enable_grad():
+            return torch.stack([-negative_log_density(point.clone().requires_grad_(True)).detach() for point in latent])
 
     def log_weights(self, num_samples: int = 4000, seed: int | None = 0) -> torch.Tensor:
         """Log importance ratios ``log p(x, theta_s) - log q(theta_s)`` of ``num_samples`` guide draws.
@@ -413,6 +435,147 @@ def _per_draw_log_prob(trace: poutine.Trace, max_plate_nesting: int, num_samples
         log_prob = log_prob.double().reshape(-1)  # one value per draw, or one shared by all
         total = total + (log_prob if log_prob.numel() == num_samples else log_prob.sum())
     return total
+
+
+#: Numbers (log-probability entries, summed over the sites) that one pass of :func:`_batched_marginal_log_density`
+#: may hold: 2^22 float64 entries are 32 MiB, a few times that with the intermediates, whatever the data size.
+_MARGINAL_PASS_ENTRIES = 2**22
+#: Draws in the first pass, which measures the entries per draw and sizes the later passes: small, in case one
+#: draw already has many (an enumerated site over a large data plate).
+_MARGINAL_FIRST_PASS_DRAWS = 16
+
+
+def _batched_marginal_log_density(
+    model: Callable, guide: PreconditionedGuide, args: tuple, kwargs: dict, latent: torch.Tensor, max_plate_nesting: int
+) -> torch.Tensor:
+    """``log p(x, T(z_s)) + log|det J_T(z_s)|`` for every row ``z_s`` of ``latent`` (shape ``(S, D)``), the
+    enumerated sites summed out, in a few vectorized passes of :func:`_marginal_log_density`.
+
+    Raises ``ValueError`` (or the model's own ``RuntimeError`` / ``IndexError``) when the model does not broadcast
+    over a batch of draws: the draw-by-draw result of the first pass's last draw, an unbatched run of the model,
+    must equal the batched one, so a model that mixes the draws up without an error is caught too.
+    """
+    num_samples = latent.shape[0]
+    first = latent[:_MARGINAL_FIRST_PASS_DRAWS]
+    log_density, entries = _marginal_log_density(model, guide, args, kwargs, first, max_plate_nesting)
+    single, _ = _marginal_log_density(model, guide, args, kwargs, first[-1], max_plate_nesting)
+    # Round-off of summing the same terms in another order: a few ulps of the terms' magnitude, far below the
+    # O(1) errors of a model that mixes up draws.
+    tolerance = torch.finfo(latent.dtype).eps ** 0.5 * max(1.0, abs(float(single)))
+    if not abs(float(log_density[-1]) - float(single)) <= tolerance:
+        raise ValueError(
+            f"the model does not broadcast over a batch of draws: the batched log density of a draw is "
+            f"{float(log_density[-1])!r}, the unbatched one {float(single)!r}"
+        )
+    per_pass = max(1, _MARGINAL_PASS_ENTRIES * first.shape[0] // max(entries, 1))
+    parts = [log_density]
+    for start in range(first.shape[0], num_samples, per_pass):
+        chunk = latent[start : start + per_pass]
+        parts.append(_marginal_log_density(model, guide, args, kwargs, chunk, max_plate_nesting)[0])
+    return torch.cat(parts)
+
+
+def _marginal_log_density(
+    model: Callable, guide: PreconditionedGuide, args: tuple, kwargs: dict, latent: torch.Tensor, max_plate_nesting: int
+) -> tuple[torch.Tensor, int]:
+    """``log p(x, T(z)) + log|det J_T(z)|`` with the model's enumerated sites summed out, for a batch of points
+    ``latent`` of shape ``(S, D)`` in one trace (or one point of shape ``(D,)``, the model run unbatched).
+
+    The value TraceEnum_ELBO gives on a point-mass guide, draw by draw: the model is conditioned on the constrained
+    values inside a plate of draws left of its own plates, enumerated in parallel left of that plate (Pyro's
+    ``poutine.enum``), and its factors are contracted by tensor variable elimination (Obermeyer et al. 2019,
+    "Tensor variable elimination for plated factor graphs", ICML) with ``pyro.ops.contract.contract_to_tensor``:
+    log-sum-exp over the enumerated dimensions, sum over the plates, the draws plate kept. As in TraceEnum_ELBO,
+    masks apply inside and the (common) subsampling scale of the enumerated factors outside the log-sum-exp; the
+    other sites contribute their scaled, masked log densities.
+
+    Returns
+    -------
+    log_density : torch.Tensor
+        Shape ``(S,)``, or ``()`` for one unbatched point.
+    entries : int
+        Log-probability entries the trace held (the memory a pass needs grows with it).
+    """
+    from collections import OrderedDict
+
+    from opt_einsum import shared_intermediates
+    from pyro.ops import packed
+    from pyro.ops.contract import contract_to_tensor
+    from pyro.ops.rings import LogRing
+    from pyro.poutine.util import prune_subsample_sites
+    from pyro.util import check_site_shape
+
+    batched = latent.dim() == 2
+    num_draws = latent.shape[0] if batched else 1
+    batch = (num_draws,) + (1,) * max_plate_nesting if batched else ()
+    values, log_determinant = {}, torch.zeros(batch[:1], dtype=latent.dtype, device=latent.device)
+    for site, unconstrained in guide._unpack_latent(latent.reshape(*batch, latent.shape[-1])):
+        transform = biject_to(site["fn"].support)
+        value = transform(unconstrained)
+        jacobian = transform.log_abs_det_jacobian(unconstrained, value)
+        # Every dimension but the draws' (the leftmost, present in every unpacked site) is the site's own.
+        log_determinant = log_determinant + (jacobian.reshape(num_draws, -1).sum(-1) if batched else jacobian.sum())
+        values[site["name"]] = value
+
+    conditioned = poutine.condition(model, data=values)
+    if batched:
+        conditioned = pyro.plate("_ppvi_draws", num_draws, dim=-(max_plate_nesting + 1))(conditioned)
+    nesting = max_plate_nesting + int(batched)
+    enumerated = poutine.enum(conditioned, first_available_dim=-(nesting + 1))
+    trace = prune_subsample_sites(poutine.trace(enumerated).get_trace(*args, **kwargs))
+    trace.compute_log_prob()
+    sites = [site for site in trace.nodes.values() if site["type"] == "sample"]
+    for site in sites:
+        check_site_shape(site, nesting)
+    trace.pack_tensors()
+    draws_symbol = trace.plate_to_symbol.get("_ppvi_draws")
+
+    def ordinal(site) -> frozenset:
+        return frozenset(trace.plate_to_symbol[frame.name] for frame in site["cond_indep_stack"] if frame.vectorized)
+
+    enumerated_dims = set()
+    for site in sites:
+        if site["infer"].get("_enumerate_dim") is not None:
+            enumerated_dims.update(site["packed"]["log_prob"]._pyro_dims)
+    enumerated_dims -= {symbol for site in sites for symbol in ordinal(site)}
+
+    costs, factors, scales = [], OrderedDict(), []
+    for site in sites:
+        log_prob = site["packed"]["log_prob"]
+        if site["infer"].get("_enumerate_dim") is not None:
+            factors.setdefault(ordinal(site), []).append(site["packed"]["unscaled_log_prob"])
+            scales.append(site["scale"])
+        elif enumerated_dims.isdisjoint(log_prob._pyro_dims):
+            costs.append(log_prob)
+        else:
+            masked = packed.scale_and_mask(site["packed"]["unscaled_log_prob"], mask=site["packed"]["mask"])
+            factors.setdefault(ordinal(site), []).append(masked)
+            scales.append(site["scale"])
+
+    if factors:
+        if any(torch.is_tensor(scale) and scale.dim() for scale in scales):
+            raise ValueError("enumeration supports only a scalar poutine.scale, as in TraceEnum_ELBO")
+        scale_values = {float(scale) for scale in scales}
+        if len(scale_values) != 1:
+            raise ValueError("enumerated sites need one common poutine.scale, as in TraceEnum_ELBO")
+        dim_to_size = {}
+        for terms in factors.values():
+            for term in terms:
+                dim_to_size.update(zip(term._pyro_dims, term.shape, strict=True))
+        target = frozenset({draws_symbol}) if batched else frozenset()
+        with shared_intermediates() as cache:
+            contracted = contract_to_tensor(
+                factors, enumerated_dims, target_ordinal=target, ring=LogRing(cache, dim_to_size=dim_to_size)
+            )
+        costs.append(packed.scale_and_mask(contracted, scale=scale_values.pop()))
+
+    total = log_determinant
+    for cost in costs:
+        # Sum every dimension but the draws' (an empty list would make torch.sum reduce them all).
+        summed_dims = [dim for dim, symbol in enumerate(cost._pyro_dims) if not (batched and symbol == draws_symbol)]
+        total = total + (cost.sum(summed_dims) if summed_dims else cost)
+    entries = sum(site["log_prob"].numel() for site in sites)
+    return total, entries
 
 
 def _structure_trace(model: Callable, args: tuple, kwargs: dict) -> poutine.Trace:
