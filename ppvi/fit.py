@@ -633,7 +633,13 @@ def _make_elbo(
         return TraceMeanField_ELBO(**options)
     if choice == "enumerate":
         return TraceEnum_ELBO(**options)
-    raise ValueError(f"unknown elbo {choice!r}: use 'auto', 'trace', 'meanfield', 'enumerate' or a pyro ELBO instance")
+    if choice == "amortized":
+        from ppvi.amortized import AmortizedELBO
+
+        return AmortizedELBO()
+    raise ValueError(
+        f"unknown elbo {choice!r}: use 'auto', 'trace', 'meanfield', 'enumerate', 'amortized' or a pyro ELBO instance"
+    )
 
 
 def fit(
@@ -646,7 +652,7 @@ def fit(
     learning_rate: float | None = None,
     schedule: training.Schedule | Callable[[int], float] = "constant",
     num_particles: int | None = None,
-    elbo: Literal["auto", "trace", "meanfield", "enumerate"] | ELBO = "auto",
+    elbo: Literal["auto", "trace", "meanfield", "enumerate", "amortized"] | ELBO = "auto",
     subsample_size: int | None = None,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
@@ -682,11 +688,12 @@ def fit(
     num_particles : int, optional
         Monte Carlo draws per ELBO estimate, vectorized; by default 8 for registry guides and 1 for your own
         (an amortized guide averages over a minibatch already).
-    elbo : {"auto", "trace", "meanfield", "enumerate"} or pyro.infer.ELBO
+    elbo : {"auto", "trace", "meanfield", "enumerate", "amortized"} or pyro.infer.ELBO
         ``"auto"``: for the registry's Gaussian guides, the path-derivative estimator of Roeder et al. (2017) on
         top of ``Trace_ELBO`` (``TraceEnum_ELBO`` when the model marks sites for enumeration); for other guides,
         ``TraceEnum_ELBO`` with enumerated sites, ``TraceMeanField_ELBO`` when every latent site has a closed-form
-        KL against its prior, else ``Trace_ELBO``. A name or an ELBO instance forces Pyro's estimator.
+        KL against its prior, else ``Trace_ELBO``. A name or an ELBO instance forces Pyro's estimator;
+        ``"amortized"`` is :class:`ppvi.amortized.AmortizedELBO`, the fast estimator for amortized guides (VAEs).
     subsample_size : int, optional
         Minibatch size, passed to the model as ``subsample_size=`` (write ``pyro.plate(..., subsample_size=...)``).
     device : {"auto", "cpu", "cuda"}

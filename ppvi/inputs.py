@@ -60,7 +60,13 @@ def threads_for(args: tuple, kwargs: dict, device: torch.device) -> int | None:
         return None
     arrays = [value for value in (*args, *kwargs.values()) if isinstance(value, (torch.Tensor, np.ndarray))]
     sizes = [value.numel() if isinstance(value, torch.Tensor) else value.size for value in arrays]
-    return 1 if max(sizes, default=0) < SINGLE_THREAD_BELOW else None
+    largest = max(sizes, default=0)
+    subsample_size = kwargs.get("subsample_size")
+    if isinstance(subsample_size, int) and arrays:
+        # A minibatch step computes on subsample_size of the N data points: that is the size torch's ops see.
+        points = max((value.shape[0] for value in arrays if value.ndim > 0), default=1)
+        largest = largest * min(1.0, subsample_size / max(points, 1))
+    return 1 if largest < SINGLE_THREAD_BELOW else None
 
 
 @contextlib.contextmanager
