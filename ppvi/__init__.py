@@ -3,7 +3,7 @@
 ``ppvi.fit(model, *data, guide="meanfield")`` fits; the result samples, summarises, saves, converts to ArviZ.
 """
 
-from ppvi import data
+from ppvi import amortized, data
 from ppvi.calibration import SBCResult, VSBCResult, sbc, vsbc
 from ppvi.compare import compare
 from ppvi.convergence import StoppingRule
@@ -22,6 +22,7 @@ __all__ = [
     "SBCResult",
     "StoppingRule",
     "VSBCResult",
+    "amortized",
     "compare",
     "data",
     "fit",

@@ -29,6 +29,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
+import numpy as np
 import pyro
 import torch
 from pyro import poutine
@@ -505,8 +506,9 @@ def log_likelihood(
     model, guide : callable
         Pyro model and guide called as ``model(batch)``, with one plate over the data points at ``dim=-1`` and
         only local latent variables (a VAE); they must broadcast over a leading particle dimension.
-    data : torch.Tensor
-        Data points along the first dimension (e.g. binary test images ``(N, h, w)``).
+    data : torch.Tensor or numpy.ndarray
+        Data points along the first dimension (e.g. binary test images ``(N, h, w)``); an array is converted to
+        the guide's dtype and device.
     num_samples : int
         ``L``; 1000 or more for a likelihood table (IWAE's Table 1 used 5000).
     chunk_size : int
@@ -523,8 +525,15 @@ def log_likelihood(
     for label, value in (("num_samples", num_samples), ("chunk_size", chunk_size), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    if isinstance(data, np.ndarray):  # numpy arrays (ppvi.data's images) in the guide's dtype and device
+        reference = next(iter(guide.parameters()), None) if isinstance(guide, torch.nn.Module) else None
+        data = torch.as_tensor(
+            data,
+            dtype=reference.dtype if reference is not None else torch.get_default_dtype(),
+            device=reference.device if reference is not None else None,
+        )
     if not isinstance(data, torch.Tensor) or data.dim() < 1 or data.shape[0] == 0:
-        raise ValueError("data must be a tensor with the data points along its first dimension")
+        raise ValueError("data must be a tensor or numpy array with the data points along its first dimension")
     state = pyro.util.get_rng_state() if seed is not None else None
     if seed is not None:
         pyro.set_rng_seed(seed)
