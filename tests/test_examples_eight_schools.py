@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import matplotlib.image
 import pytest
 
-
-def load_example():
-    path = Path(__file__).resolve().parents[1] / "examples" / "eight_schools.py"
-    specification = importlib.util.spec_from_file_location("eight_schools_example", path)
-    module = importlib.util.module_from_spec(specification)
-    specification.loader.exec_module(module)
-    return module
+from examples import load_example
 
 
 @pytest.mark.slow  # twelve fits and five batched VSBC/SBC runs: ~20 s idle, ~55 s on a busy 2-core machine
 def test_eight_schools_example_writes_tables_and_figures(tmp_path):
-    example = load_example()
+    example = load_example("eight_schools")
     tables = example.main([
         "--output-directory", str(tmp_path), "--num-simulations", "8", "--steps", "30", "--seeds", "1",
         "--num-draws", "9", "--khat-steps", "300",

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -13,19 +10,15 @@ import matplotlib.image  # noqa: E402
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gmm.py"
+from examples import load_example  # noqa: E402
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("ppvi_example_gmm", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_example_writes_the_figures(tmp_path, capsys):
-    example = load_example()
+    example = load_example("gmm")
     with threadpool_limits(limits=1):  # scikit-learn's k-means on a busy 2-core machine
         paths = example.main(tmp_path / "figures", num_points=150, steps=10, seed=1)
     assert set(paths) == {"components", "traces"}

@@ -3,24 +3,18 @@ layout of the real one (``train_counts.npz``, ``test_counts.npz``, ``vocab.txt``
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse
 
+from examples import load_example
 from models import lda
 
 NUM_TOPICS, VOCABULARY_SIZE = 3, 40
 BETTER_THAN_UNIFORM = {"LDA": 0.6, "ProdLDA": 0.95}
 
 
-def load_example():
-    path = Path(__file__).resolve().parents[1] / "examples" / "lda.py"
-    spec = importlib.util.spec_from_file_location("example_lda", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_corpus(directory: Path) -> list[str]:
@@ -35,7 +29,9 @@ def write_corpus(directory: Path) -> list[str]:
 
 def test_lda_example_prints_top_words_for_both_methods(tmp_path, capsys):
     vocabulary = write_corpus(tmp_path)
-    results = load_example().main(tmp_path, num_topics=NUM_TOPICS, lda_epochs=30, prodlda_epochs=100, shown_topics=3)
+    results = load_example("lda").main(
+        tmp_path, num_topics=NUM_TOPICS, lda_epochs=30, prodlda_epochs=100, shown_topics=3
+    )
     printed = capsys.readouterr().out
     assert set(results) == {"LDA", "ProdLDA"}
     for name, result in results.items():

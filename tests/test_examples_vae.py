@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -13,19 +10,15 @@ import matplotlib.image  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "vae.py"
+from examples import load_example  # noqa: E402
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("ppvi_example_vae", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_example_prints_the_table_and_writes_the_figures(tmp_path, capsys):
-    example = load_example()
+    example = load_example("vae")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the mixture's EM and the evaluation, on a busy 2-core machine
     try:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import matplotlib
 
@@ -17,23 +15,18 @@ from matplotlib.contour import ContourSet  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 import ppvi  # noqa: E402
+from examples import load_example  # noqa: E402
 from ppvi.plotting import MAX_DEFAULT_PARAMETERS, plot_comparison  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "compare.py"
 CORRELATION = 0.9
 NUM_DRAWS = 2000
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("ppvi_example_compare", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def example():
-    return load_example()
+    return load_example("compare")
 
 
 @pytest.fixture(scope="module")
