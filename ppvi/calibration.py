@@ -66,6 +66,28 @@ LAPLACE_DECREMENT_TOLERANCE = 1e-9
 MONTE_CARLO_DRAWS = 1000
 
 
+def _by_component(values_by_site: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``{site: (M, *shape)}`` -> ``{component name: (M,)}``, names as ArviZ writes them (``theta[0]``)."""
+    columns = {}
+    for name, values in values_by_site.items():
+        flat = values.reshape(values.shape[0], -1)
+        for index, label in enumerate(component_names(name, values.shape[1:])):
+            columns[label] = flat[:, index]
+    return columns
+
+
+def _panels(count: int):
+    """A figure with ``count`` small panels, four to a row; the unused ones of the last row hidden."""
+    import matplotlib.pyplot as plt
+
+    ncols = min(count, 4)
+    nrows = math.ceil(count / ncols)
+    figure, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 2.4 * nrows), squeeze=False)
+    for axis in list(axes.flat)[count:]:
+        axis.set_visible(False)
+    return figure, axes
+
+
 @dataclass
 class VSBCResult:
     """The outcome of :func:`vsbc`.
@@ -116,12 +138,7 @@ class VSBCResult:
 
     def components(self) -> dict[str, np.ndarray]:
         """``{component name: p over replications}``, names as ArviZ writes them (``theta[0]``)."""
-        columns = {}
-        for name, values in self.p_values.items():
-            flat = values.reshape(values.shape[0], -1)
-            for index, label in enumerate(component_names(name, values.shape[1:])):
-                columns[label] = flat[:, index]
-        return columns
+        return _by_component(self.p_values)
 
     def to_dataframe(self) -> pd.DataFrame:
         """Per scalar component: KS statistic and p-value of ``p`` against ``1 - p``, ``mean_p`` and a verdict.
@@ -147,20 +164,14 @@ class VSBCResult:
 
     def plot(self, bins: int = 20):
         """Histograms of ``p`` per scalar component (a matplotlib Figure)."""
-        import matplotlib.pyplot as plt
 
         columns = self.components()
-        count = len(columns)
-        ncols = min(count, 4)
-        nrows = math.ceil(count / ncols)
-        figure, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 2.4 * nrows), squeeze=False)
+        figure, axes = _panels(len(columns))
         table = self.to_dataframe()
         for axis, (label, p) in zip(axes.flat, columns.items(), strict=False):
             axis.hist(p, bins=bins, range=(0.0, 1.0), color="C0", alpha=0.8)
             axis.set_title(f"{label}  KS p={table.loc[label, 'ks_pvalue']:.2g}", fontsize=9)
             axis.set_xlim(0.0, 1.0)
-        for axis in list(axes.flat)[count:]:
-            axis.set_visible(False)
         figure.supxlabel("p = P_q(theta < theta0)")
         figure.tight_layout()
         return figure
@@ -233,12 +244,7 @@ class SBCResult:
 
     def components(self) -> dict[str, np.ndarray]:
         """``{component name: ranks over replications}``, names as ArviZ writes them."""
-        columns = {}
-        for name, values in self.ranks.items():
-            flat = values.reshape(values.shape[0], -1)
-            for index, label in enumerate(component_names(name, values.shape[1:])):
-                columns[label] = flat[:, index]
-        return columns
+        return _by_component(self.ranks)
 
     def ecdf_difference(self, probability: float = BAND_PROBABILITY) -> dict[str, tuple[np.ndarray, ...]]:
         """Per component: fractional ranks ``x``, ECDF minus uniform CDF at ``x``, and the simultaneous band
@@ -284,21 +290,15 @@ class SBCResult:
 
     def plot(self, probability: float = BAND_PROBABILITY):
         """ECDF difference plots of the ranks with the simultaneous band, one panel per component (a Figure)."""
-        import matplotlib.pyplot as plt
 
         curves = self.ecdf_difference(probability)
-        count = len(curves)
-        ncols = min(count, 4)
-        nrows = math.ceil(count / ncols)
-        figure, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 2.4 * nrows), squeeze=False)
+        figure, axes = _panels(len(curves))
         for axis, (label, (x, difference, lower, upper)) in zip(axes.flat, curves.items(), strict=False):
             axis.fill_between(x, lower, upper, step="post", color="C0", alpha=0.2, linewidth=0)
             axis.step(x, difference, where="post", color="C0")
             axis.axhline(0.0, color="0.5", linewidth=0.5)
             axis.set_title(label, fontsize=9)
             axis.set_xlim(0.0, 1.0)
-        for axis in list(axes.flat)[count:]:
-            axis.set_visible(False)
         figure.supxlabel("fractional rank")
         figure.supylabel("ECDF difference")
         figure.tight_layout()
