@@ -89,15 +89,13 @@ def _panels(count: int):
 
 
 @dataclass
-class VSBCResult:
-    """The outcome of :func:`vsbc`.
+class SimulationOutcome:
+    """What VSBC and SBC share: the simulated replications and how their fits went.
 
     Attributes
     ----------
-    p_values : dict of str to numpy.ndarray
-        ``P_q(theta < theta0)`` per latent site, shape ``(num_simulations, *site_shape)``.
     theta0 : dict of str to numpy.ndarray
-        The prior draws (true values), same shapes.
+        The prior draws (true values), shape ``(num_simulations, *site_shape)`` per latent site.
     data : dict of str to numpy.ndarray
         The simulated observed sites, shape ``(num_simulations, *site_shape)``.
     converged : numpy.ndarray
@@ -106,16 +104,13 @@ class VSBCResult:
     steps : numpy.ndarray
         Steps each replication trained for.
     seconds : float
-        Wall time of simulation, optimisation and ``p`` computation.
+        Wall time of simulation, optimisation and the calibration statistics.
     guide : str
         ``"meanfield"`` or ``"fullrank"``.
     laplace_succeeded : numpy.ndarray
         Per replication, whether it started from (and was whitened by) its Laplace approximation.
-    alpha : float
-        Level of the KS test behind the verdicts.
     """
 
-    p_values: dict[str, np.ndarray]
     theta0: dict[str, np.ndarray]
     data: dict[str, np.ndarray]
     converged: np.ndarray
@@ -123,10 +118,6 @@ class VSBCResult:
     seconds: float
     guide: str
     laplace_succeeded: np.ndarray
-    alpha: float = ALPHA
-    #: The fitted guides: unconstrained means and marginal sds of the flat latent vector, shape ``(M, D)``.
-    loc: np.ndarray | None = field(default=None, repr=False)
-    sd: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def num_simulations(self) -> int:
@@ -135,6 +126,25 @@ class VSBCResult:
     @property
     def num_converged(self) -> int:
         return int(self.converged.sum())
+
+
+@dataclass
+class VSBCResult(SimulationOutcome):
+    """The outcome of :func:`vsbc` (and the fields of :class:`SimulationOutcome`).
+
+    Attributes
+    ----------
+    p_values : dict of str to numpy.ndarray
+        ``P_q(theta < theta0)`` per latent site, shape ``(num_simulations, *site_shape)``.
+    alpha : float
+        Level of the KS test behind the verdicts.
+    """
+
+    p_values: dict[str, np.ndarray] = field(default_factory=dict)
+    alpha: float = ALPHA
+    #: The fitted guides: unconstrained means and marginal sds of the flat latent vector, shape ``(M, D)``.
+    loc: np.ndarray | None = field(default=None, repr=False)
+    sd: np.ndarray | None = field(default=None, repr=False)
 
     def components(self) -> dict[str, np.ndarray]:
         """``{component name: p over replications}``, names as ArviZ writes them (``theta[0]``)."""
@@ -214,8 +224,8 @@ def simultaneous_ecdf_band(
 
 
 @dataclass
-class SBCResult:
-    """The outcome of :func:`sbc`.
+class SBCResult(SimulationOutcome):
+    """The outcome of :func:`sbc` (and the fields of :class:`SimulationOutcome`).
 
     Attributes
     ----------
@@ -224,23 +234,10 @@ class SBCResult:
         ``(num_simulations, *site_shape)``.
     num_draws : int
         Guide draws per replication (``L``).
-    theta0, data, converged, steps, seconds, guide, laplace_succeeded
-        As :class:`VSBCResult`.
     """
 
-    ranks: dict[str, np.ndarray]
-    num_draws: int
-    theta0: dict[str, np.ndarray]
-    data: dict[str, np.ndarray]
-    converged: np.ndarray
-    steps: np.ndarray
-    seconds: float
-    guide: str
-    laplace_succeeded: np.ndarray
-
-    @property
-    def num_simulations(self) -> int:
-        return int(self.converged.shape[0])
+    ranks: dict[str, np.ndarray] = field(default_factory=dict)
+    num_draws: int = 0
 
     def components(self) -> dict[str, np.ndarray]:
         """``{component name: ranks over replications}``, names as ArviZ writes them."""
