@@ -337,21 +337,11 @@ def train(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     elbo = AmortizedELBO(kl_weight=kl_weight, kl_warmup_steps=kl_warmup_steps, free_bits=free_bits)
     subsample_size = batch_size if batch_size < images.shape[0] else None
-    threads = torch.get_num_threads()
-    # What ppvi.fit's thread rule does for small data, for small minibatches: torch splits an op across threads
-    # only above 32,768 elements, so smaller steps pay for the threads' synchronisation alone (measured on digits,
-    # batch 128, 2 busy cores: 200 steps took 1.0 s on one thread and 11 s on two).
-    if ppvi.inputs.resolve_device(device).type == "cpu" and min(batch_size, images.shape[0]) * math.prod(
-        images.shape[1:]
-    ) < ppvi.inputs.SINGLE_THREAD_BELOW:
-        torch.set_num_threads(1)
-    try:
-        return ppvi.fit(
-            vae.model, images, guide=vae, subsample_size=subsample_size, steps=steps, learning_rate=learning_rate,
-            dtype="float32", device=device, elbo=elbo, seed=seed, progress=progress,
-        )
-    finally:
-        torch.set_num_threads(threads)
+    # ppvi.fit picks the thread count from the minibatch size (ppvi.inputs.threads_for).
+    return ppvi.fit(
+        vae.model, images, guide=vae, subsample_size=subsample_size, steps=steps, learning_rate=learning_rate,
+        dtype="float32", device=device, elbo=elbo, seed=seed, progress=progress,
+    )
 
 
 # -- figures (the lecture's) -------------------------------------------------------------------------------------
