@@ -29,6 +29,13 @@ FINAL_LEARNING_RATE_FRACTION = 0.1
 #: Welandawe, Andersen, Vehtari & Huggins 2022, "Robust, automated, and accurate black-box variational inference",
 #: cut to two stages).
 STAGES = (1.0, 0.2)
+#: A run has diverged when the median loss of a check interval exceeds the best median so far by more than
+#: ``max(DIVERGENCE_MINIMUM_NATS, DIVERGENCE_NOISE_MULTIPLE * sd)``, ``sd`` the per-step spread of the losses in
+#: the best interval. A converging run wanders around its optimum by a few noise sds at most (the stopping rule
+#: needs the trend to vanish within two standard errors); ten sds, and never less than 50 nats, is a fall that
+#: only a run leaving its optimum makes: the flows' failure mode, an ELBO dropping by orders of magnitude.
+DIVERGENCE_NOISE_MULTIPLE = 10.0
+DIVERGENCE_MINIMUM_NATS = 50.0
 
 
 def is_invalid_value_error(error: Exception) -> bool:
@@ -90,6 +97,9 @@ class TrainingResult(NamedTuple):
         Why the loop stopped.
     nonfinite_step : int or None
         First step whose loss was not finite (the parameters are then those of the last finite checkpoint).
+    diverged_step : int or None
+        Step at which the loss was found to diverge (see :data:`DIVERGENCE_NOISE_MULTIPLE`); the parameters are
+        then those of the best check interval seen.
     """
 
     losses: np.ndarray
@@ -98,6 +108,7 @@ class TrainingResult(NamedTuple):
     seconds: float
     message: str
     nonfinite_step: int | None
+    diverged_step: int | None = None
 
 
 def _schedule_factor(schedule: Schedule | Callable[[int], float], horizon: int) -> Callable[[int], float]:
@@ -152,8 +163,17 @@ def init(
     return TrainingState(0, parameters, optimizer, scheduler, None, 0)
 
 
-def update(state: TrainingState, loss_function: Callable[[], torch.Tensor], average: bool = False):
+def update(
+    state: TrainingState,
+    loss_function: Callable[[], torch.Tensor],
+    average: bool = False,
+    max_gradient_norm: float | None = None,
+):
     """Take one Adam step on ``loss_function``; with ``average``, fold the new iterate into the Polyak average.
+
+    With ``max_gradient_norm``, the gradient is rescaled to at most that Euclidean norm before the step (gradient
+    clipping, Pascanu, Mikolov & Bengio 2013): one heavy-tailed Monte Carlo gradient then cannot throw a flow's
+    network far from where it was.
 
     Returns
     -------
@@ -169,6 +189,8 @@ def update(state: TrainingState, loss_function: Callable[[], torch.Tensor], aver
             raise
         return state._replace(step=state.step + 1), INVALID_LOSS
     loss.backward()
+    if max_gradient_norm is not None:
+        torch.nn.utils.clip_grad_norm_(state.parameters, max_gradient_norm)
     state.optimizer.step()
     if state.scheduler is not None:
         state.scheduler.step()
@@ -204,6 +226,7 @@ def run(
     check_interval: int = 50,
     progress: bool | None = None,
     epsilon: float = 1e-8,
+    max_gradient_norm: float | None = None,
 ) -> TrainingResult:
     """Minimise ``loss_function`` with Adam until the stopping rule holds (or for exactly ``steps`` steps).
 
@@ -212,7 +235,8 @@ def run(
     (multiplying the learning rate), and after the last it averages the iterates over another ``rule.window``
     steps and stops. With a fixed ``steps`` it applies the ``schedule`` alone and averages over the last
     ``min(rule.window, steps // 2)`` steps. The parameters end as the average. A non-finite loss stops the loop
-    and restores the parameters of the last checkpoint whose losses were all finite.
+    and restores the parameters of the last checkpoint whose losses were all finite; a diverging loss (see
+    :data:`DIVERGENCE_NOISE_MULTIPLE`) stops it and restores the parameters of the best check interval.
 
     Parameters
     ----------
@@ -234,6 +258,8 @@ def run(
         Show a tqdm progress bar with the ELBO; by default only when stderr is a terminal.
     epsilon : float
         Adam's epsilon (see :func:`init`).
+    max_gradient_norm : float, optional
+        Clip each step's gradient to this norm (see :func:`update`).
     """
     rule = rule or StoppingRule()
     if steps is not None and (not isinstance(steps, numbers.Integral) or steps < 1):
@@ -245,6 +271,8 @@ def run(
     device = state.parameters[0].device
     losses = torch.empty(total, dtype=torch.float64, device=device)
     checkpoint = [p.detach().clone() for p in state.parameters]
+    best = [p.detach().clone() for p in state.parameters]
+    best_median, best_spread, diverged_step = math.inf, math.inf, None
     averaging_from = total - averaging_steps if steps is not None else None
     converged, message, nonfinite_step = False, "", None
     bar = _progress_bar(progress, total)
@@ -252,7 +280,7 @@ def run(
     last_check, stage, stage_start = 0, 0, 0
     while state.step < total:
         averaging = averaging_from is not None and state.step >= averaging_from
-        state, loss = update(state, loss_function, average=averaging)
+        state, loss = update(state, loss_function, average=averaging, max_gradient_norm=max_gradient_norm)
         losses[state.step - 1] = loss
         if state.step - last_check < check_interval and state.step < total and loss is not INVALID_LOSS:
             continue
@@ -269,6 +297,23 @@ def run(
             state = state._replace(average=None)
             converged = False
             break
+        median = float(np.median(recent))
+        if median > best_median + max(DIVERGENCE_MINIMUM_NATS, DIVERGENCE_NOISE_MULTIPLE * best_spread):
+            diverged_step = state.step
+            with torch.no_grad():
+                for parameter, saved in zip(state.parameters, best, strict=True):
+                    parameter.copy_(saved)
+            message = (
+                f"the ELBO diverged at step {diverged_step} (median {-median:.4g} against a best of "
+                f"{-best_median:.4g}); parameters restored to the best interval"
+            )
+            state = state._replace(average=None)
+            converged = False
+            break
+        if median < best_median and recent.shape[0] > 1:
+            best_median, best_spread = median, float(recent.std(ddof=1))
+            for saved, parameter in zip(best, state.parameters, strict=True):
+                saved.copy_(parameter.detach())
         for saved, parameter in zip(checkpoint, state.parameters, strict=True):
             saved.copy_(parameter.detach())
         last_check = state.step
@@ -301,5 +346,5 @@ def run(
             message = f"reached max_steps={rule.max_steps} before the ELBO became stationary"
     steps_taken = state.step if nonfinite_step is None else last_check
     return TrainingResult(
-        losses[:steps_taken].cpu().numpy(), steps_taken, converged, seconds, message, nonfinite_step
+        losses[:steps_taken].cpu().numpy(), steps_taken, converged, seconds, message, nonfinite_step, diverged_step
     )

@@ -251,6 +251,40 @@ def test_nan_at_the_first_step_restores_the_initial_parameters():
     torch.testing.assert_close(x.detach(), torch.tensor([0.5, -0.5]), rtol=0, atol=0)
 
 
+def test_a_diverging_loss_stops_and_restores_the_best_interval():
+    # The loss tracks |x|^2 + noise until step 200, then the run "leaves its optimum": the loss jumps by 1e6, the
+    # fall of an ELBO by orders of magnitude that a flow's runaway scale gives.
+    x = torch.tensor([2.0, -2.0], requires_grad=True)
+    seen: dict[int, torch.Tensor] = {}
+    step = [0]
+
+    def loss() -> torch.Tensor:
+        seen[step[0]] = x.detach().clone()
+        value = (x**2).sum() + 0.01 * torch.randn(())
+        if step[0] >= 200:
+            value = value + 1e6
+        step[0] += 1
+        return value
+
+    result = run(loss, [x], learning_rate=0.05, rule=StoppingRule(window=100, max_steps=2000), check_interval=50,
+                 progress=False)
+    assert result.diverged_step == 250 and not result.converged
+    assert "diverged at step 250" in result.message
+    # The parameters of a check before the jump come back (the one with the lowest median loss), not the last.
+    restored = [k for k in (50, 100, 150, 200) if torch.equal(x.detach(), seen[k])]
+    assert restored and float((x.detach() ** 2).sum()) < 0.1
+
+
+def test_gradient_clipping_bounds_the_step():
+    # Plain SGD-like check through Adam's first step: with clipping the gradient's norm is at most the bound, so
+    # Adam's first step (of size learning_rate per coordinate whatever the gradient's scale) is unchanged, and the
+    # gradient seen by the optimiser is the clipped one.
+    x = torch.tensor([3.0, 4.0], requires_grad=True)
+    state = init([x], learning_rate=0.1)
+    state, _ = update(state, lambda: 1000.0 * (x**2).sum() / 2, max_gradient_norm=1.0)
+    assert torch.linalg.vector_norm(x.grad) == pytest.approx(1.0)
+
+
 # --- init / update ------------------------------------------------------------------------------------------------
 
 
