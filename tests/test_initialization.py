@@ -99,7 +99,7 @@ def test_laplace_start_rejects_a_saddle():
 
     start = laplace_start(negative_log_density, torch.tensor([2.0, 0.0]))
     assert not start.succeeded
-    assert start.message == "the Hessian at the mode is not positive definite"
+    assert start.message.startswith("the Hessian at the stationary point is not positive definite (a saddle")
     assert start.log_density == pytest.approx(0.0, abs=1e-12)
     # From a generic start it finds one of the two true modes, (0, +-1), where the Hessian is diag(1, 2).
     start = laplace_start(negative_log_density, torch.tensor([2.0, 0.3]))
