@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ppvi.fit import Fit, diagnose_log_weights, fit
+from ppvi.diagnostics.diagnosis import diagnose
+from ppvi.fit import Fit, fit
 from ppvi.summary import component_names, flatten_draws
 
 Reference = Mapping[str, np.ndarray | torch.Tensor | tuple]
@@ -44,7 +45,7 @@ def _guide_rows(label: str, result: Fit, num_samples: int, seed: int) -> list[di
         draws = result.sample(num_samples, seed=seed)
     else:
         draws, log_weights = result._weighted_draws(num_samples, seed)
-        diagnosis, smoothed = diagnose_log_weights(log_weights)
+        diagnosis, smoothed = diagnose(log_weights, draws)
         weights = smoothed.exp().cpu().numpy()
     columns = flatten_draws(draws)
     final_elbo = float(np.mean(result.elbo[-max(1, result.elbo.size // 10) :])) if result.elbo.size else np.nan
