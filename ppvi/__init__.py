@@ -7,7 +7,8 @@ from ppvi import amortized, data
 from ppvi.calibration import SBCResult, VSBCResult, sbc, vsbc
 from ppvi.compare import compare
 from ppvi.convergence import StoppingRule
-from ppvi.fit import Diagnosis, Expectation, Fit, NonFiniteELBOError, fit
+from ppvi.diagnostics.diagnosis import Diagnosis
+from ppvi.fit import Expectation, Fit, FitWarning, GuideAttempt, NonFiniteELBOError, fit
 from ppvi.guides import GUIDES, GuideSpec
 from ppvi.plotting import plot_comparison
 from ppvi.serialization import load
@@ -17,6 +18,8 @@ __all__ = [
     "Diagnosis",
     "Expectation",
     "Fit",
+    "FitWarning",
+    "GuideAttempt",
     "GuideSpec",
     "NonFiniteELBOError",
     "SBCResult",

@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -26,8 +29,15 @@ from torch.distributions import biject_to
 
 from ppvi import training
 from ppvi.convergence import StoppingRule
-from ppvi.guides import GuideSpec, PreconditionedGuide, resolve_guide
-from ppvi.initialization import LaplaceStart, init_to_median_or_feasible, laplace_start, minimize
+from ppvi.diagnostics.diagnosis import Diagnosis, diagnose, resample
+from ppvi.guides import AUTO, GuideSpec, PreconditionedGuide, resolve_guide
+from ppvi.initialization import (
+    SINGULAR_HESSIAN_MESSAGE,
+    LaplaceStart,
+    init_to_median_or_feasible,
+    laplace_start,
+    minimize,
+)
 from ppvi.inputs import (
     accepts_keyword,
     computation,
@@ -54,33 +64,18 @@ PRECONDITIONED_ADAM_EPSILON = 0.1
 DEFAULT_LEARNING_RATE = 0.01
 #: Draws behind ``summary()`` and ``to_arviz()``: Monte Carlo error of a mean about 1.6 % of a posterior sd.
 SUMMARY_DRAWS = 4000
-
-
-class Diagnosis(NamedTuple):
-    """How far the guide can be trusted, by Pareto smoothed importance sampling (Yao, Vehtari, Simpson & Gelman
-    2018, "Yes, but did it work?"; Vehtari et al. 2024, JMLR).
-
-    Attributes
-    ----------
-    khat : float
-        Estimated Pareto shape of the importance ratios ``p(x, theta) / q(theta)``: below 0.5 the guide is close
-        to the posterior, up to 0.7 (and ``threshold``) PSIS-corrected estimates are reliable, above it neither
-        the guide nor importance sampling from it can be trusted.
-    effective_sample_size : float
-        PSIS effective sample size of the draws.
-    threshold : float
-        ``min(1 - 1 / log10(S), 0.7)``, the sample-size dependent k-hat limit.
-    verdict : str
-        ``"good"``, ``"ok"`` or ``"bad"``.
-    num_samples : int
-        Draws used.
-    """
-
-    khat: float
-    effective_sample_size: float
-    threshold: float
-    verdict: str
-    num_samples: int
+#: The Laplace start is not attempted on minibatches, whose log density is random: not a failure.
+MINIBATCH_LAPLACE_MESSAGE = "minibatches make the log density random"
+#: Loss evaluations (of ``num_particles`` draws each, no gradients) behind the ELBO estimates at the start and
+#: the end of training that ``converged`` compares: 16 x 8 draws put the standard error near a tenth of the
+#: per-draw spread of the log ratios, at the cost of about five training steps each.
+ELBO_CHECK_EVALUATIONS = 16
+#: Standard errors (of the difference) by which the final ELBO may fall below the start's, plus the stopping
+#: rule's tolerance, before the fit is reported unconverged: a one-sided test at about 0.1 %.
+ELBO_CHECK_SIGNIFICANCE = 3.0
+#: Unconstrained coordinates up to which ``guide="auto"`` escalates to full rank (D (D + 1) / 2 scale
+#: parameters, 20,100 at 200) rather than low rank, and goes on to a flow.
+AUTO_FULL_RANK_MAX_DIMENSION = 200
 
 
 class Expectation(NamedTuple):
@@ -101,18 +96,18 @@ class Expectation(NamedTuple):
     khat: float
 
 
-def diagnose_log_weights(log_weights: torch.Tensor) -> tuple[Diagnosis, torch.Tensor]:
-    """PSIS of one vector of log importance ratios: the :class:`Diagnosis` and the smoothed, normalised log
-    weights (for corrected expectations)."""
-    from ppvi.diagnostics import khat_threshold, khat_verdict, psis, psis_effective_sample_size
+class FitWarning(UserWarning):
+    """Something about a fit the user should know and may act on: a failed Laplace start, a diverged run, a flow
+    that could not improve on its start."""
 
-    num_samples = log_weights.shape[-1]
-    smoothed, khat = psis(log_weights)
-    diagnosis = Diagnosis(
-        float(khat), float(psis_effective_sample_size(smoothed)), khat_threshold(num_samples),
-        khat_verdict(khat, num_samples), num_samples,
-    )
-    return diagnosis, smoothed
+
+def _user_stack_level() -> int:
+    """``stacklevel`` of a warning raised here that points at the first caller outside ppvi."""
+    package = str(Path(__file__).resolve().parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class NonFiniteELBOError(RuntimeError):
@@ -150,6 +145,8 @@ class Fit:
         The Laplace start, when one was attempted.
     message : str
         How training ended.
+    history : list of GuideAttempt
+        For ``guide="auto"``, every family tried, in order (empty otherwise).
     """
 
     def __init__(
@@ -170,6 +167,7 @@ class Fit:
         laplace: LaplaceStart | None,
         message: str,
         max_plate_nesting: int,
+        history: list[GuideAttempt] | None = None,
     ):
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.guide_name, self.guide_options = guide_name, guide_options
@@ -177,15 +175,24 @@ class Fit:
         self.device, self.dtype, self.converged = device, dtype, converged
         self.laplace, self.message = laplace, message
         self.max_plate_nesting = max_plate_nesting
+        self.history = list(history or [])
         self._vectorizable = True
 
     def __repr__(self) -> str:
         name = self.guide_name or type(self.guide).__name__
         final = f"{self.elbo[-self.elbo.shape[0] // 10 - 1 :].mean():.6g}" if self.elbo.size else "n/a"
+        laplace = "" if self.laplace_failure is None else f", laplace='failed: {self.laplace_failure}'"
         return (
             f"Fit(guide={name!r}, steps={self.steps}, converged={self.converged}, final ELBO={final}, "
-            f"seconds={self.seconds:.3g}, device={self.device})"
+            f"seconds={self.seconds:.3g}, device={self.device}{laplace})"
         )
+
+    @property
+    def laplace_failure(self) -> str | None:
+        """Why the Laplace start failed, or ``None`` when it succeeded or was not attempted."""
+        if self.laplace is None or self.laplace.succeeded or self.laplace.message == MINIBATCH_LAPLACE_MESSAGE:
+            return None
+        return self.laplace.message
 
     # -- draws ---------------------------------------------------------------------------------------------------
     def _draw(self, num_samples: int, seed: int | None, weights: bool):
@@ -235,8 +242,10 @@ class Fit:
         draws = {name: torch.stack(parts) for name, parts in values.items()}
         return draws, torch.stack(log_weights) if weights else None
 
-    def sample(self, num_samples: int = 1000, seed: int | None = None) -> dict[str, torch.Tensor]:
-        """Draw from the fitted posterior approximation.
+    def sample(
+        self, num_samples: int = 1000, seed: int | None = None, corrected: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Draw from the fitted posterior approximation, or with ``corrected`` from its PSIS correction.
 
         Parameters
         ----------
@@ -244,16 +253,41 @@ class Fit:
             Number of draws.
         seed : int, optional
             Seed for the draws (the global Pyro seed is left as it was); by default the global RNG is used.
+        corrected : bool
+            Importance-resample the guide's draws with their Pareto-smoothed weights (Yao et al. 2018, section
+            2.3; the PSIS resampling of Stan's Pathfinder): ``max(num_samples, 4000)`` guide draws are weighted
+            and ``num_samples`` of them drawn with replacement, so the draws follow the posterior more closely
+            than the guide does. Refused when k-hat exceeds its threshold, where the weights cannot be trusted.
 
         Returns
         -------
         dict of str to torch.Tensor
             For every latent site (and every ``pyro.deterministic`` site), constrained draws of shape
             ``(num_samples, *site_shape)``.
+
+        Raises
+        ------
+        ValueError
+            ``corrected=True`` and k-hat above the threshold (the message says which k-hat and what to do).
         """
-        if not isinstance(num_samples, int) or num_samples < 1:
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        return self._draw(num_samples, seed, weights=False)[0]
+        if not corrected:
+            return self._draw(num_samples, seed, weights=False)[0]
+        proposals = max(num_samples, SUMMARY_DRAWS)
+        draws, log_weights = self._weighted_draws(proposals, seed)
+        diagnosis, smoothed = diagnose(log_weights, notes=self._notes())
+        if diagnosis.verdict not in ("good", "ok"):
+            raise ValueError(
+                f"PSIS-corrected draws need k-hat <= {diagnosis.threshold:.2f}, and this fit's is "
+                f"{diagnosis.khat:.2f}: its importance weights cannot be trusted, so resampling with them would "
+                "not make the draws closer to the posterior. Fit a richer guide (guide='fullrank', 'flow' or "
+                "'auto') or use the guide's own draws, fit.sample(corrected=False), knowing they are approximate."
+            )
+        generator = torch.Generator()
+        generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
+        indices = resample(smoothed, num_samples, generator).to(next(iter(draws.values())).device)
+        return {name: value[indices] for name, value in draws.items()}
 
     def site_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of one draw of every latent (and deterministic) site, in model order."""
@@ -265,12 +299,13 @@ class Fit:
             }
         return self._site_shapes
 
-    def summary(self, num_samples: int = SUMMARY_DRAWS, seed: int = 0) -> pd.DataFrame:
+    def summary(self, num_samples: int = SUMMARY_DRAWS, seed: int = 0, corrected: bool = False) -> pd.DataFrame:
         """Posterior summary per scalar component: mean, sd and the 5 %, 50 % and 95 % quantiles.
 
-        Rows are named as in ``arviz.summary`` (``theta[0]``, ``W[1, 2]``); computed from ``num_samples`` draws.
+        Rows are named as in ``arviz.summary`` (``theta[0]``, ``W[1, 2]``); computed from ``num_samples`` draws,
+        PSIS-resampled with ``corrected`` (see :meth:`sample`).
         """
-        return summarize(self.sample(num_samples, seed=seed))
+        return summarize(self.sample(num_samples, seed=seed, corrected=corrected))
 
     def to_arviz(self, num_samples: int = SUMMARY_DRAWS, seed: int = 0):
         """The draws as an ``arviz.InferenceData`` (one chain), with the observed data when the model has any."""
@@ -362,8 +397,21 @@ class Fit:
         return self._weighted_draws(num_samples, seed)[1]
 
     def diagnose(self, num_samples: int = 4000, seed: int | None = 0) -> Diagnosis:
-        """PSIS diagnostic of the guide: k-hat, effective sample size and a verdict (see :class:`Diagnosis`)."""
-        return diagnose_log_weights(self.log_weights(num_samples, seed))[0]
+        """PSIS diagnostic of the guide: k-hat with its bootstrap interval, the size of the mismatch (ESS, spread
+        of the log weights, how far PSIS moves the means and sds), a verdict and its explanation, which also
+        reports a failed Laplace start or an unconverged run (see :class:`ppvi.diagnostics.diagnosis.Diagnosis`).
+        """
+        draws, log_weights = self._weighted_draws(num_samples, seed)
+        return diagnose(log_weights, draws, notes=self._notes(), seed=seed or 0)[0]
+
+    def _notes(self) -> list[str]:
+        """What the diagnosis should say besides the weights: how the fit's start and training went."""
+        notes = []
+        if self.laplace_failure is not None:
+            notes.append(f"The Laplace start failed ({self.laplace_failure}).")
+        if not self.converged:
+            notes.append(f"Training did not converge: {self.message}.")
+        return notes
 
     def expectation(
         self, function: Callable[[dict[str, torch.Tensor]], torch.Tensor], num_samples: int = 4000, seed: int | None = 0
@@ -385,7 +433,7 @@ class Fit:
         if values.shape[:1] != (num_samples,):
             raise ValueError(f"function must return one value per draw (first dimension {num_samples}), got "
                              f"shape {tuple(values.shape)}")
-        diagnosis, smoothed = diagnose_log_weights(log_weights)
+        diagnosis, smoothed = diagnose(log_weights)
         weights = smoothed.exp().reshape(-1, *(1,) * (values.dim() - 1))
         return Expectation((weights * values).sum(0), values.mean(0), diagnosis.khat)
 
@@ -672,7 +720,11 @@ def fit(
         The data, passed to the model positionally (tensors, numpy arrays or numbers).
     guide : str or callable
         A name from :data:`ppvi.GUIDES` (``"map"``, ``"laplace"``, ``"meanfield"``, ``"fullrank"``, ``"lowrank"``,
-        ``"flow"``) or a guide of your own (a callable or ``torch.nn.Module``, e.g. an amortized encoder).
+        ``"flow"``), ``"auto"``, or a guide of your own (a callable or ``torch.nn.Module``, e.g. an amortized
+        encoder). ``"flow"`` fits ``"fullrank"`` first and starts its flows, initialised at the identity, from that
+        answer. ``"auto"`` fits mean-field, diagnoses it with PSIS, and escalates (full-rank, or low-rank above
+        :data:`AUTO_FULL_RANK_MAX_DIMENSION` coordinates, then flow) while the fit cannot be trusted; it returns
+        the first trusted fit, or the one with the highest ELBO, with every attempt in ``fit.history``.
     guide_options : dict, optional
         Options of the guide family (``{"rank": 3}`` for ``"lowrank"``, ``{"num_transforms": 3}`` for ``"flow"``).
     steps : int, optional
@@ -724,17 +776,195 @@ def fit(
         CUDA asked for but not available.
     NonFiniteELBOError
         The ELBO became NaN/inf during training; ``error.fit`` holds the fit at the last finite parameters.
+
+    Warns
+    -----
+    FitWarning
+        The Laplace start failed (no mode, a Hessian that is not positive definite: a funnel, or an improper
+        posterior), training diverged (stopped, the best iterate kept), or the final ELBO is below the start's.
+
+    Notes
+    -----
+    ``converged=True`` means: the stopping rule found the ELBO stationary, the final ELBO (re-estimated from
+    fresh draws) is finite and no worse than where training started (the Laplace start, or the full-rank answer
+    for a flow) beyond Monte Carlo noise, and the Laplace start did not find the posterior flat in some
+    direction (improper). ``fit.message`` says which of these failed.
     """
+    options = dict(
+        guide_options=guide_options, steps=steps, max_steps=max_steps, learning_rate=learning_rate,
+        schedule=schedule, num_particles=num_particles, elbo=elbo, subsample_size=subsample_size, device=device,
+        dtype=dtype, seed=seed, progress=progress, initialization=initialization, stopping_rule=stopping_rule,
+        model_kwargs=model_kwargs,
+    )
+    if isinstance(guide, str) and guide == AUTO:
+        return _fit_auto(model, args, options)
+    spec = resolve_guide(guide) if isinstance(guide, str) else None
+    start = _fit_start(model, args, options, spec.start_from) if spec is not None and spec.start_from else None
+    return _fit_one(model, args, guide, start, **options)
+
+
+def _fit_start(model: Callable, args: tuple, options: dict, family: str) -> Fit:
+    """The Gaussian fit a richer family starts from: the family's own defaults, the run's shared settings."""
+    shared = dict(options, guide_options=None, steps=None, learning_rate=None, schedule="constant", num_particles=None)
+    return _fit_one(model, args, family, None, **shared)
+
+
+class GuideAttempt(NamedTuple):
+    """One family tried by ``guide="auto"``.
+
+    Attributes
+    ----------
+    guide : str
+        Registry name.
+    elbo : float
+        ELBO estimated from the diagnosis's draws (mean log importance ratio); comparable across families.
+    khat : float
+        PSIS k-hat.
+    verdict : str
+        The diagnosis's verdict (``"failed"`` when the fit raised).
+    converged : bool
+        The fit's ``converged``.
+    seconds : float
+        Wall time of the fit and its diagnosis.
+    outcome : str
+        Why ``"auto"`` stopped here or moved on.
+    """
+
+    guide: str
+    elbo: float
+    khat: float
+    verdict: str
+    converged: bool
+    seconds: float
+    outcome: str
+
+
+def _next_family(family: str, latent_dim: int) -> str | None:
+    """The family ``guide="auto"`` tries after ``family`` for ``latent_dim`` unconstrained coordinates."""
+    gaussian = "fullrank" if latent_dim <= AUTO_FULL_RANK_MAX_DIMENSION else "lowrank"
+    if family == "meanfield":
+        return gaussian
+    if family == "fullrank" and latent_dim >= 2:
+        return "flow"
+    return None
+
+
+def _fit_auto(model: Callable, args: tuple, options: dict) -> Fit:
+    """``guide="auto"``: escalate from mean-field while PSIS says the fit cannot be trusted."""
+    if options["guide_options"]:
+        raise ValueError(
+            "guide_options does not apply to guide='auto', which tries several families: fit the family you want "
+            "to configure by name, e.g. guide='flow', guide_options={'num_transforms': 3}"
+        )
+    started = time.perf_counter()
+    history: list[GuideAttempt] = []
+    candidates: list[tuple[Fit, Diagnosis]] = []
+    fits: dict[str, Fit] = {}
+    family: str | None = "meanfield"
+    while family is not None:
+        attempt_started = time.perf_counter()
+        spec = resolve_guide(family)
+        start = fits.get(spec.start_from) if spec.start_from else None
+        try:
+            result = _fit_one(model, args, family, start, **options)
+        except NonFiniteELBOError as error:
+            history.append(GuideAttempt(
+                family, math.nan, math.nan, "failed", False, time.perf_counter() - attempt_started,
+                f"the ELBO was not finite ({error.fit.message})",
+            ))
+            family = _next_family(family, error.fit.guide.latent_dim)
+            continue
+        fits[family] = result
+        diagnosis = result.diagnose()
+        following = _next_family(family, result.guide.latent_dim)
+        trusted = result.converged and diagnosis.verdict in ("good", "ok", "caution")
+        if trusted:
+            outcome = f"trusted (verdict {diagnosis.verdict!r}): stopped here"
+        else:
+            reason = f"verdict {diagnosis.verdict!r}, k-hat {diagnosis.khat:.2f}" + (
+                "" if result.converged else f", not converged: {result.message}"
+            )
+            outcome = f"{reason}: moved on to {following!r}" if following else f"{reason}: no richer family left"
+        history.append(GuideAttempt(
+            family, diagnosis.elbo, diagnosis.khat, diagnosis.verdict, result.converged,
+            time.perf_counter() - attempt_started, outcome,
+        ))
+        candidates.append((result, diagnosis))
+        if trusted:
+            break
+        family = following
+    if not candidates:
+        raise ValueError(
+            "guide='auto' found no family whose ELBO stayed finite: "
+            + "; ".join(f"{attempt.guide}: {attempt.outcome}" for attempt in history)
+        )
+    trusted = [fit for fit, diagnosis in candidates if fit.converged and diagnosis.verdict != "bad"]
+    best = trusted[-1] if trusted else max(
+        candidates, key=lambda pair: pair[1].elbo if math.isfinite(pair[1].elbo) else -math.inf
+    )[0]
+    best.history = history
+    best.seconds = time.perf_counter() - started
+    return best
+
+
+def _gaussian_of(guide: PreconditionedGuide) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and Cholesky factor of a Gaussian guide's distribution on the unconstrained coordinates."""
+    posterior = guide.posterior()
+    if hasattr(posterior, "scale_tril"):
+        return posterior.loc.detach(), posterior.scale_tril.detach()
+    return posterior.mean.detach(), torch.diag_embed(posterior.stddev.detach())
+
+
+def _elbo_estimate(loss_function: Callable[[], torch.Tensor]) -> tuple[float, float]:
+    """ELBO and its standard error from :data:`ELBO_CHECK_EVALUATIONS` evaluations of the loss."""
+    values = []
+    # Gradients stay on: Pyro's TraceEnum_ELBO refuses to compute a loss it cannot differentiate.
+    for _ in range(ELBO_CHECK_EVALUATIONS):
+        try:
+            values.append(-float(loss_function().detach()))
+        except ValueError as error:
+            if not training.is_invalid_value_error(error):
+                raise
+            values.append(math.nan)
+    estimates = np.asarray(values)
+    if not np.isfinite(estimates).all():
+        return -math.inf, math.inf
+    return float(estimates.mean()), float(estimates.std(ddof=1) / np.sqrt(estimates.size))
+
+
+def _fit_one(
+    model: Callable,
+    args: tuple,
+    guide: str | Callable,
+    start: Fit | None,
+    *,
+    guide_options: dict | None,
+    steps: int | None,
+    max_steps: int,
+    learning_rate: float | None,
+    schedule: training.Schedule | Callable[[int], float],
+    num_particles: int | None,
+    elbo: str | ELBO,
+    subsample_size: int | None,
+    device: str | torch.device,
+    dtype: str | torch.dtype,
+    seed: int | None,
+    progress: bool | None,
+    initialization: str,
+    stopping_rule: StoppingRule | None,
+    model_kwargs: dict | None,
+) -> Fit:
+    """One family's fit (see :func:`fit`); ``start`` is the fit a family with ``start_from`` begins at."""
     started = time.perf_counter()
     if initialization not in ("laplace", "prior"):
         raise ValueError(f"initialization must be 'laplace' or 'prior', got {initialization!r}")
     particles_defaulted = num_particles is None
+    spec: GuideSpec | None = resolve_guide(guide) if isinstance(guide, str) else None
     if num_particles is None:
-        num_particles = PRECONDITIONED_NUM_PARTICLES if isinstance(guide, str) else 1
+        num_particles = (spec.num_particles or PRECONDITIONED_NUM_PARTICLES) if spec is not None else 1
     if not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
     guide_options = dict(guide_options or {})
-    spec: GuideSpec | None = resolve_guide(guide) if isinstance(guide, str) else None
     if spec is None and guide_options:
         raise ValueError("guide_options applies to registry guides only; configure your own guide directly")
     resolved_device = resolve_device(device)
@@ -774,21 +1004,33 @@ def fit(
                 guide_object.to(dtype=resolved_dtype)
         with poutine.block(), torch.no_grad():
             guide_object(*args, **kwargs)  # builds an autoguide's prototype and parameters
+        if start is not None:
+            guide_object.set_gaussian(*_gaussian_of(start.guide))
         point_elbo_class = TraceEnum_ELBO if enumerated else Trace_ELBO
         laplace = None
         wants_laplace = spec is not None and spec.laplace_start and isinstance(guide_object, PreconditionedGuide)
         if wants_laplace and (initialization == "laplace" or spec.objective == "none"):
             if subsample_size is not None:
-                laplace = LaplaceStart(False, None, None, math.nan, 0, "minibatches make the log density random")
+                laplace = LaplaceStart(False, None, None, math.nan, 0, MINIBATCH_LAPLACE_MESSAGE)
             else:
                 laplace = _laplace(model, guide_object, args, kwargs, point_elbo_class, max_plate_nesting)
             if laplace.succeeded:
                 guide_object.set_preconditioner(laplace.loc, laplace.precision)
+            elif laplace.message != MINIBATCH_LAPLACE_MESSAGE and spec.objective != "none":  # "none" raises below
+                warnings.warn(
+                    f"the Laplace start of guide {guide!r} failed: {laplace.message}. The guide starts from the "
+                    "prior's median instead; check fit.converged and fit.diagnose() before trusting it",
+                    FitWarning,
+                    stacklevel=_user_stack_level(),
+                )
         if learning_rate is None:
             # Registry guides work in whitened coordinates (of the Laplace start, or of the default N(init, 0.1^2),
             # where 0.1 whitened is Pyro's usual 0.01 in unconstrained units); other guides in their own.
             whitened = isinstance(guide_object, PreconditionedGuide)
-            learning_rate = PRECONDITIONED_LEARNING_RATE if whitened else DEFAULT_LEARNING_RATE
+            if spec is not None and spec.learning_rate is not None:
+                learning_rate = spec.learning_rate
+            else:
+                learning_rate = PRECONDITIONED_LEARNING_RATE if whitened else DEFAULT_LEARNING_RATE
 
         notes = []
         if elbo == "auto" and isinstance(guide_object, PreconditionedGuide):
@@ -839,11 +1081,42 @@ def fit(
             message = f"L-BFGS, {iterations} iterations" if converged else "the log density was not finite"
             return result([loss], 0, converged, message)
         preconditioned = laplace is not None and laplace.succeeded
+        checked = isinstance(guide_object, PreconditionedGuide)
+        if checked:
+            initial_state = {name: value.detach().clone() for name, value in guide_object.state_dict().items()}
+            start_elbo = _elbo_estimate(loss_function)
         run = training.run(
             loss_function, parameters, learning_rate=learning_rate, steps=steps, rule=rule, schedule=schedule,
             progress=progress, epsilon=PRECONDITIONED_ADAM_EPSILON if preconditioned else 1e-8,
+            max_gradient_norm=spec.max_gradient_norm if spec is not None else None,
         )
-        outcome = result(run.losses, run.steps, run.converged, "; ".join([run.message, *notes]))
+        converged = run.converged
+        if run.diverged_step is not None:
+            warnings.warn(
+                f"training of guide {guide!r} diverged: {run.message}", FitWarning, stacklevel=_user_stack_level()
+            )
+        if laplace is not None and laplace.message.startswith(SINGULAR_HESSIAN_MESSAGE):
+            converged = False
+            notes.append("the Laplace start found the posterior flat along some direction: it may be improper")
+        if checked and run.nonfinite_step is None:
+            end_elbo = _elbo_estimate(loss_function)
+            allowance = ELBO_CHECK_SIGNIFICANCE * math.hypot(start_elbo[1], end_elbo[1]) + rule.tolerance
+            if not end_elbo[0] >= start_elbo[0] - allowance:
+                converged = False
+                change = (
+                    f"the final ELBO ({end_elbo[0]:.6g} +- {end_elbo[1]:.2g}) is below the start's "
+                    f"({start_elbo[0]:.6g} +- {start_elbo[1]:.2g})"
+                )
+                if start is not None:  # the start is a fit in its own right: go back to it
+                    guide_object.load_state_dict(initial_state)
+                    change += f"; returned the {start.guide_name!r} start, where the flows are the identity"
+                notes.append(change)
+                warnings.warn(f"guide {guide!r}: {change}", FitWarning, stacklevel=_user_stack_level())
+        if start is not None:
+            notes.append(f"started from the {start.guide_name!r} fit ({start.steps} steps, {start.seconds:.3g} s)")
+        outcome = result(run.losses, run.steps, converged, "; ".join([run.message, *notes]))
+        if start is not None:
+            outcome.seconds += start.seconds
         if run.nonfinite_step is not None:
             raise NonFiniteELBOError(
                 f"{run.message}. Try a smaller learning_rate (now {learning_rate}), more num_particles, or check the "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 import torch
@@ -46,7 +48,12 @@ def test_meanfield_khat_flags_the_centered_funnel_and_not_the_noncentered_versio
     khat = {}
     for name in ("centered", "noncentered"):
         model = getattr(eight_schools, name)
-        khat[name] = [ppvi.fit(model, sigma, y, guide="meanfield", seed=s).diagnose(seed=s).khat for s in range(3)]
+        khat[name] = []
+        for s in range(3):
+            # The centred funnel has no mode: its Laplace start fails, and the fit says so.
+            warns = pytest.warns(ppvi.FitWarning, match="Laplace start") if name == "centered" else nullcontext()
+            with warns:
+                khat[name].append(ppvi.fit(model, sigma, y, guide="meanfield", seed=s).diagnose(seed=s).khat)
     assert min(khat["centered"]) > 0.7
     assert np.median(khat["noncentered"]) < 0.7
     assert np.median(khat["noncentered"]) < np.median(khat["centered"]) - 0.2

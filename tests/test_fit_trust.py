@@ -1,0 +1,191 @@
+"""A fit that never claims what it did not do: the flow guide, ``guide="auto"``, ``converged`` and corrected draws.
+
+Outside references: exact posteriors of Gaussian and Student-t targets written as models without data, and
+posteriordb's NUTS moments of eight schools (``tests/data/eight_schools_reference.json``, BSD-3).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import ppvi
+from models import eight_schools
+
+REFERENCE = Path(__file__).parent / "data" / "eight_schools_reference.json"
+
+
+def correlated(rho: float = 0.95):
+    """``z ~ N(0, [[1, rho], [rho, 1]])``: the posterior is the prior, so its moments and log Z = 0 are exact."""
+    covariance = torch.tensor([[1.0, rho], [rho, 1.0]], dtype=torch.float64)
+    pyro.sample("z", dist.MultivariateNormal(torch.zeros(2, dtype=torch.float64), covariance))
+
+
+def independent():
+    correlated(0.0)
+
+
+def moderately_correlated():
+    correlated(0.6)
+
+
+def cauchy():
+    """Two independent standard Cauchy coordinates: no Gaussian comes close to their tails."""
+    pyro.sample("x", dist.StudentT(1.0, torch.zeros(2, dtype=torch.float64), 1.0).to_event(1))
+
+
+def improper(y):
+    """``flat`` has a flat prior on the real line and nothing in the data mentions it: the posterior is improper."""
+    pyro.sample("flat", dist.ImproperUniform(dist.constraints.real, (), ()))
+    mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 10.0))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+def no_mode():
+    """The unconstrained density grows without bound as the scale shrinks: there is no mode to start from."""
+    scale = pyro.sample("scale", dist.HalfCauchy(torch.tensor(1.0, dtype=torch.float64)))
+    pyro.sample("x", dist.Normal(torch.tensor(0.0, dtype=torch.float64), scale).expand([5]).to_event(1))
+    pyro.factor("unbounded", -5 * torch.log(scale))
+
+
+# --- guide="auto" ---------------------------------------------------------------------------------------------
+
+
+def test_auto_stops_at_meanfield_when_meanfield_is_trusted():
+    fit = ppvi.fit(independent, guide="auto")
+    assert fit.guide_name == "meanfield"
+    assert [attempt.guide for attempt in fit.history] == ["meanfield"]
+    assert fit.history[0].verdict == "good" and "stopped here" in fit.history[0].outcome
+
+
+def test_auto_escalates_past_meanfield_on_a_correlated_posterior():
+    # Mean-field cannot hold a correlation of 0.95 (its sds are sqrt(1 - 0.95^2) = 0.31 of the truth): k-hat says
+    # so and "auto" moves on to full rank, which is exact here.
+    fit = ppvi.fit(correlated, guide="auto")
+    guides = [attempt.guide for attempt in fit.history]
+    assert guides == ["meanfield", "fullrank"]
+    assert fit.history[0].verdict == "bad" and "moved on to 'fullrank'" in fit.history[0].outcome
+    assert fit.guide_name == "fullrank" and fit.converged
+    draws = fit.sample(20000, seed=1)["z"]
+    assert np.corrcoef(draws.T.numpy())[0, 1] == pytest.approx(0.95, abs=0.01)
+    # The ELBO estimates are comparable across families: full rank's is the exact log Z = 0, mean-field's below.
+    assert fit.history[1].elbo == pytest.approx(0.0, abs=0.01)
+    assert fit.history[0].elbo < fit.history[1].elbo - 0.5
+    assert fit.seconds >= sum(attempt.seconds for attempt in fit.history) * 0.99
+
+
+def test_auto_refuses_guide_options():
+    with pytest.raises(ValueError, match="guide_options does not apply to guide='auto'"):
+        ppvi.fit(independent, guide="auto", guide_options={"rank": 2})
+
+
+# --- the flow guide ---------------------------------------------------------------------------------------------
+
+
+def test_flow_starts_from_the_fullrank_fit_and_keeps_an_exact_answer():
+    fit = ppvi.fit(correlated, guide="flow")
+    assert fit.guide_name == "flow" and fit.converged and np.isfinite(fit.elbo).all()
+    assert "started from the 'fullrank' fit" in fit.message
+    draws = fit.sample(20000, seed=1)["z"]
+    assert np.corrcoef(draws.T.numpy())[0, 1] == pytest.approx(0.95, abs=0.01)
+    assert draws.std(0).numpy() == pytest.approx([1.0, 1.0], abs=0.03)
+    assert fit.diagnose().verdict == "good"
+
+
+@pytest.mark.slow
+def test_flow_reaches_the_centred_eight_schools_posterior():
+    """The funnel that defeats the Gaussian families: within 0.1 NUTS sd on every mean and 10 % on every sd."""
+    reference = json.loads(REFERENCE.read_text())["moments"]
+    sigma, y = eight_schools.data(torch.float64)
+    with pytest.warns(ppvi.FitWarning, match="Laplace start of guide 'fullrank' failed"):
+        fit = ppvi.fit(eight_schools.centered, sigma, y, guide="flow")
+    assert fit.converged and np.isfinite(fit.elbo).all()
+    summary = fit.summary(20000, seed=1)
+    for name, moments in reference.items():
+        mean_error = abs(summary.loc[name, "mean"] - moments["mean"]) / moments["sd"]
+        assert mean_error < 0.1, (name, mean_error)
+        assert summary.loc[name, "sd"] / moments["sd"] == pytest.approx(1.0, abs=0.1), name
+    assert fit.diagnose().verdict in ("good", "ok")
+
+
+# --- convergence that means something ---------------------------------------------------------------------------
+
+
+def test_a_failed_laplace_start_warns_and_shows_in_repr_and_diagnose():
+    with pytest.warns(ppvi.FitWarning, match="Laplace start of guide 'meanfield' failed: no mode found"):
+        fit = ppvi.fit(no_mode, guide="meanfield", steps=100)
+    assert "laplace='failed: no mode found" in repr(fit)
+    assert "The Laplace start failed (no mode found" in fit.diagnose().explanation
+
+
+def test_an_improper_posterior_is_not_reported_converged():
+    y = torch.randn(20, dtype=torch.float64)
+    with pytest.warns(ppvi.FitWarning, match="singular"):
+        fit = ppvi.fit(improper, y, guide="fullrank")
+    assert not fit.converged
+    assert "may be improper" in fit.message
+    assert "may be improper" in fit.diagnose().explanation
+
+
+def test_a_diverging_run_stops_keeps_its_best_iterate_and_warns():
+    # A learning rate of 2 in whitened coordinates (twenty times the default) throws an exact start away.
+    with pytest.warns(ppvi.FitWarning, match="diverged"):
+        fit = ppvi.fit(correlated, guide="fullrank", learning_rate=2.0)
+    assert not fit.converged and "diverged" in fit.message
+    # The best interval is the start, which is exact: the iterate kept is still the posterior.
+    draws = fit.sample(20000, seed=1)["z"]
+    assert draws.std(0).numpy() == pytest.approx([1.0, 1.0], abs=0.05)
+
+
+def test_a_final_elbo_below_the_start_is_not_converged():
+    # A rate so large that the first interval already runs off: no divergence is seen against it, but the ELBO
+    # at the end is far below the exact start's.
+    with pytest.warns(ppvi.FitWarning, match="below the start's"):
+        fit = ppvi.fit(correlated, guide="fullrank", learning_rate=10.0, max_steps=1000)
+    assert not fit.converged
+    assert "below the start's" in fit.message
+
+
+@pytest.mark.slow
+def test_no_registry_fit_reports_converged_with_a_non_finite_elbo():
+    for guide in ("meanfield", "fullrank", "lowrank", "flow"):
+        fit = ppvi.fit(moderately_correlated, guide=guide)
+        assert not fit.converged or (np.isfinite(fit.elbo).all() and math.isfinite(fit.diagnose().elbo)), guide
+
+
+# --- PSIS-corrected draws ------------------------------------------------------------------------------------
+
+
+def test_corrected_draws_recover_what_meanfield_shrinks():
+    # Mean-field on a correlation of 0.6 has sds sqrt(1 - 0.36) = 0.8; k-hat stays below 0.7, and importance
+    # resampling brings the sds back to the exact 1.
+    fit = ppvi.fit(moderately_correlated, guide="meanfield")
+    raw = fit.summary()
+    corrected = fit.summary(corrected=True)
+    assert raw["sd"].to_numpy() == pytest.approx([0.8, 0.8], abs=0.04)
+    assert corrected["sd"].to_numpy() == pytest.approx([1.0, 1.0], abs=0.06)
+    draws = fit.sample(8000, seed=3, corrected=True)["z"]
+    assert np.corrcoef(draws.T.numpy())[0, 1] == pytest.approx(0.6, abs=0.06)
+
+
+def test_corrected_draws_are_refused_when_khat_says_the_weights_cannot_be_trusted():
+    fit = ppvi.fit(cauchy, guide="fullrank")
+    with pytest.raises(ValueError, match=r"PSIS-corrected draws need k-hat <= 0\.70, and this fit's is"):
+        fit.sample(100, seed=0, corrected=True)
+    with pytest.raises(ValueError, match="richer guide"):
+        fit.summary(corrected=True)
+
+
+def test_corrected_draws_are_reproducible_and_have_the_asked_shape():
+    fit = ppvi.fit(moderately_correlated, guide="meanfield")
+    first = fit.sample(300, seed=5, corrected=True)["z"]
+    second = fit.sample(300, seed=5, corrected=True)["z"]
+    assert first.shape == (300, 2) and torch.equal(first, second)
