@@ -977,7 +977,8 @@ def _fit_one(
                 "in the data plate, `with pyro.plate('data', N, subsample_size=subsample_size):`"
             )
         kwargs["subsample_size"] = subsample_size
-    rule = stopping_rule or StoppingRule(max_steps=max_steps)
+    window = spec.stopping_window if spec is not None and spec.stopping_window else StoppingRule.window
+    rule = stopping_rule or StoppingRule(window=window, max_steps=max_steps)
     if stopping_rule is not None and max_steps != 20_000:
         rule = dataclasses.replace(rule, max_steps=max_steps)
 
