@@ -918,14 +918,20 @@ def _gaussian_of(guide: PreconditionedGuide) -> tuple[torch.Tensor, torch.Tensor
 def _elbo_estimate(loss_function: Callable[[], torch.Tensor]) -> tuple[float, float]:
     """ELBO and its standard error from :data:`ELBO_CHECK_EVALUATIONS` evaluations of the loss."""
     values = []
-    # Gradients stay on: Pyro's TraceEnum_ELBO refuses to compute a loss it cannot differentiate.
-    for _ in range(ELBO_CHECK_EVALUATIONS):
-        try:
-            values.append(-float(loss_function().detach()))
-        except ValueError as error:
-            if not training.is_invalid_value_error(error):
-                raise
-            values.append(math.nan)
+    # The check observes the fit without changing it: the random state is restored afterwards, so training draws
+    # what it would have drawn without the check. Gradients stay on: Pyro's TraceEnum_ELBO refuses to compute a
+    # loss it cannot differentiate.
+    state = pyro.util.get_rng_state()
+    try:
+        for _ in range(ELBO_CHECK_EVALUATIONS):
+            try:
+                values.append(-float(loss_function().detach()))
+            except ValueError as error:
+                if not training.is_invalid_value_error(error):
+                    raise
+                values.append(math.nan)
+    finally:
+        pyro.util.set_rng_state(state)
     estimates = np.asarray(values)
     if not np.isfinite(estimates).all():
         return -math.inf, math.inf
