@@ -723,8 +723,10 @@ def fit(
         ``"flow"``), ``"auto"``, or a guide of your own (a callable or ``torch.nn.Module``, e.g. an amortized
         encoder). ``"flow"`` fits ``"fullrank"`` first and starts its flows, initialised at the identity, from that
         answer. ``"auto"`` fits mean-field, diagnoses it with PSIS, and escalates (full-rank, or low-rank above
-        :data:`AUTO_FULL_RANK_MAX_DIMENSION` coordinates, then flow) while the fit cannot be trusted; it returns
-        the first trusted fit, or the one with the highest ELBO, with every attempt in ``fit.history``.
+        :data:`AUTO_FULL_RANK_MAX_DIMENSION` coordinates, then flow) until a converged fit's own draws can stand
+        for the posterior (``Diagnosis.guide_draws_usable``: k-hat good or ok with a small mismatch, or
+        "caution"); it returns that fit, or else the one with the highest ELBO, with every attempt in
+        ``fit.history``.
     guide_options : dict, optional
         Options of the guide family (``{"rank": 3}`` for ``"lowrank"``, ``{"num_transforms": 3}`` for ``"flow"``).
     steps : int, optional
@@ -877,13 +879,14 @@ def _fit_auto(model: Callable, args: tuple, options: dict) -> Fit:
         fits[family] = result
         diagnosis = result.diagnose()
         following = _next_family(family, result.guide.latent_dim)
-        trusted = result.converged and diagnosis.verdict in ("good", "ok", "caution")
+        trusted = result.converged and diagnosis.guide_draws_usable
         if trusted:
             outcome = f"trusted (verdict {diagnosis.verdict!r}): stopped here"
         else:
             reason = f"verdict {diagnosis.verdict!r}, k-hat {diagnosis.khat:.2f}" + (
-                "" if result.converged else f", not converged: {result.message}"
-            )
+                "" if diagnosis.verdict == "bad" or diagnosis.guide_draws_usable
+                else f", PSIS moves a mean by {diagnosis.mean_shift:.2g} sd"
+            ) + ("" if result.converged else f", not converged: {result.message}")
             outcome = f"{reason}: moved on to {following!r}" if following else f"{reason}: no richer family left"
         history.append(GuideAttempt(
             family, diagnosis.elbo, diagnosis.khat, diagnosis.verdict, result.converged,
@@ -898,7 +901,7 @@ def _fit_auto(model: Callable, args: tuple, options: dict) -> Fit:
             "guide='auto' found no family whose ELBO stayed finite: "
             + "; ".join(f"{attempt.guide}: {attempt.outcome}" for attempt in history)
         )
-    trusted = [fit for fit, diagnosis in candidates if fit.converged and diagnosis.verdict != "bad"]
+    trusted = [fit for fit, diagnosis in candidates if fit.converged and diagnosis.guide_draws_usable]
     best = trusted[-1] if trusted else max(
         candidates, key=lambda pair: pair[1].elbo if math.isfinite(pair[1].elbo) else -math.inf
     )[0]

@@ -90,6 +90,12 @@ class Diagnosis(NamedTuple):
     elbo: float = math.nan
     explanation: str = ""
 
+    @property
+    def guide_draws_usable(self) -> bool:
+        """Whether the guide's own draws (not only PSIS-corrected estimates) can stand for the posterior: a
+        ``"good"`` or ``"ok"`` k-hat with a small mismatch, or ``"caution"`` (a small mismatch by definition)."""
+        return self.verdict == "caution" or (self.verdict in ("good", "ok") and _is_small(self._asdict()))
+
     def __str__(self) -> str:
         low, high = self.khat_interval
         interval = f" [{low:.2f}, {high:.2f}]" if math.isfinite(low) and math.isfinite(high) else ""

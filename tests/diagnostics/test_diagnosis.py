@@ -93,3 +93,15 @@ def test_resampling_follows_the_weights():
     frequencies = torch.bincount(indices, minlength=4).double() / 20000
     assert frequencies[1] == 0
     assert torch.allclose(frequencies, log_weights.exp(), atol=0.015)
+
+
+def test_guide_draws_are_usable_only_when_the_mismatch_is_small():
+    cases = {
+        "exact": (dist.Normal(0.0, 1.0), dist.Normal(0.0, 1.0), True),
+        "tail": (dist.StudentT(20.0, 0.0, 1.0), dist.Normal(0.0, 1.05), True),
+        "shifted": (dist.Normal(0.0, 1.0), dist.Normal(0.5, 1.0), False),  # good k-hat, but half an sd off
+        "narrow": (dist.Normal(0.0, 1.0), dist.Normal(0.0, 0.3), False),
+    }
+    for name, (target, guide, usable) in cases.items():
+        draws, log_weights = weighted(target, guide)
+        assert diagnose(log_weights, {"x": draws})[0].guide_draws_usable is usable, name
