@@ -1,6 +1,6 @@
 """Fits users can trust on real posteriors: ppvi.fit with default options against posteriordb's reference draws.
 
-The reference draws are gold-standard NUTS runs (stan-dev/posteriordb); see ../shared/README.md.
+The reference draws are gold-standard NUTS runs (stan-dev/posteriordb), bundled in tests/data/posteriordb.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def errors(fit: ppvi.Fit, reference: dict[str, np.ndarray]) -> tuple[float, floa
 
 
 @pytest.mark.parametrize("name", list(POSTERIORS))
-def test_fullrank_with_default_options_matches_the_reference(name, shared):
-    case = load_posterior(name, shared / "posteriordb")
+def test_fullrank_with_default_options_matches_the_reference(name, posteriordb_root):
+    case = load_posterior(name, posteriordb_root)
     fit = ppvi.fit(case.model, *case.args, guide="fullrank")
     mean_error, sd_error = errors(fit, case.reference_draws)
     mean_tolerance, sd_tolerance = FAMILY_LIMITED.get(name, (MEAN_TOLERANCE, SD_TOLERANCE))
@@ -46,9 +46,9 @@ def test_fullrank_with_default_options_matches_the_reference(name, shared):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["kidiq-kidscore_momiq", "arK-arK", "sblrc-blr"])
-def test_meanfield_underdisperses_where_the_posterior_is_correlated(name, shared):
+def test_meanfield_underdisperses_where_the_posterior_is_correlated(name, posteriordb_root):
     """Mean-field gets the means but shrinks the sds of correlated coefficients (the point of ppvi.compare)."""
-    case = load_posterior(name, shared / "posteriordb")
+    case = load_posterior(name, posteriordb_root)
     fit = ppvi.fit(case.model, *case.args, guide="meanfield")
     mean_error, sd_error = errors(fit, case.reference_draws)
     assert mean_error < MEAN_TOLERANCE

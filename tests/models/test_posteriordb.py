@@ -47,8 +47,9 @@ NUM_REFERENCE_DRAWS = 10_000
 
 
 @pytest.fixture
-def root(shared: Path) -> Path:
-    return shared / "posteriordb"
+def root(posteriordb_root: Path) -> Path:
+    """The bundled posteriors (tests/data/posteriordb), laid out as posteriordb does."""
+    return posteriordb_root
 
 
 @pytest.fixture
@@ -136,6 +137,15 @@ def test_every_case_loads_with_reference_draws_per_site(name, root):
         assert (case.reference_sd[key] > 0).all()
     for draws in case.latent_draws.values():
         assert draws.shape[0] == NUM_REFERENCE_DRAWS and np.isfinite(draws).all()
+
+
+def test_the_bundled_copy_holds_every_posterior_and_its_licence():
+    bundle = Path(__file__).resolve().parents[1] / "data" / "posteriordb"
+    assert {path.name for path in bundle.iterdir() if path.is_dir()} == set(NAMES)
+    assert "BSD 3-Clause" in (bundle / "LICENCE_posteriordb.md").read_text()
+    for name in NAMES:
+        info = json.loads((bundle / name / "info.json").read_text())
+        assert info["posterior"]["name"] == name and info["model_info"]["licence"] == "BSD3"
 
 
 def test_reference_draws_are_assembled_by_index(root):
