@@ -1,0 +1,85 @@
+"""The latent sites of a model from a flat unconstrained vector, each constrained by its support in this very run.
+
+ADVI (Kucukelbir et al. 2017) places its guide on unconstrained coordinates ``z`` and maps each site to its support
+with a bijection ``T`` (``torch.distributions.biject_to``), adding ``log|det J_T(z)|`` to the log density. Pyro's
+:class:`~pyro.infer.autoguide.AutoContinuous`, and NumPyro's autoguides and ``potential_energy`` likewise, build
+``T`` once, from a prototype trace of the model, and keep it. A support that depends on another parameter,
+``beta ~ Uniform(0, 1 - alpha)`` as volatility and ordered models write, then keeps the bound of the prototype's
+``alpha``: draws break ``beta < 1 - alpha`` and the density is that of the wrong space.
+
+:class:`ConstrainMessenger` does what Stan does: the model runs, and at each latent site the unconstrained value
+is mapped by ``biject_to`` of the distribution the model builds *in this run*, whose support may depend on the
+values already drawn. The Jacobian of the whole map is triangular in the model's order (a site's value depends on
+its own coordinates and on earlier sites), so its log-determinant is the sum of the sites' own, which the
+messenger accumulates per draw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.messenger import Messenger
+from torch.distributions import biject_to
+
+__all__ = ["ConstrainMessenger", "constrained_trace"]
+
+
+class ConstrainMessenger(Messenger):
+    """Condition a model's latent sites on unconstrained values, constraining each with its support in this run.
+
+    Parameters
+    ----------
+    unconstrained : mapping of str to torch.Tensor
+        For each latent site, its unconstrained value: ``(*batch, *unconstrained_shape)`` with ``batch`` the
+        draws' dimensions (none for one point, ``(S,) + (1,) * max_plate_nesting`` for ``S`` draws in a plate
+        left of the model's), as :meth:`pyro.infer.autoguide.AutoContinuous._unpack_latent` splits them.
+    num_draws : int or None
+        ``S`` for a batch of draws (the first dimension of every value), ``None`` for one point.
+
+    Attributes
+    ----------
+    log_abs_det_jacobian : torch.Tensor
+        After the run: ``log|det J_T(z)|`` of every draw, shape ``(S,)`` (``()`` for one point).
+    values : dict of str to torch.Tensor
+        After the run: the constrained value of every site.
+    """
+
+    def __init__(self, unconstrained: Mapping[str, torch.Tensor], num_draws: int | None = None):
+        super().__init__()
+        self.unconstrained = dict(unconstrained)
+        self.num_draws = num_draws
+        self.values: dict[str, torch.Tensor] = {}
+        self.log_abs_det_jacobian: torch.Tensor | float = 0.0
+
+    def _pyro_sample(self, msg: dict) -> None:
+        name = msg["name"]
+        if msg["is_observed"] or name not in self.unconstrained:
+            return
+        unconstrained = self.unconstrained[name]
+        transform = biject_to(msg["fn"].support)
+        value = transform(unconstrained)
+        jacobian = transform.log_abs_det_jacobian(unconstrained, value)
+        # Every dimension but the draws' (the leftmost of every value in a batch) belongs to the site.
+        per_draw = jacobian.reshape(self.num_draws, -1).sum(-1) if self.num_draws is not None else jacobian.sum()
+        self.log_abs_det_jacobian = self.log_abs_det_jacobian + per_draw
+        self.values[name] = value
+        msg["value"] = value
+        msg["is_observed"] = True
+
+
+def constrained_trace(
+    model: Callable, args: tuple, kwargs: dict, unconstrained: Mapping[str, torch.Tensor], num_draws: int | None,
+    max_plate_nesting: int,
+) -> tuple[poutine.Trace, ConstrainMessenger]:
+    """Run ``model`` once on unconstrained values (a batch of ``num_draws`` in a plate left of the model's own
+    ``max_plate_nesting`` plates, or one point) and return its trace and the messenger, which holds the constrained
+    values and the log-Jacobian per draw."""
+    messenger = ConstrainMessenger(unconstrained, num_draws)
+    constrained = messenger(model)
+    if num_draws is not None:
+        constrained = pyro.plate("_ppvi_draws", num_draws, dim=-(max_plate_nesting + 1))(constrained)
+    trace = poutine.trace(constrained).get_trace(*args, **kwargs)
+    return trace, messenger
