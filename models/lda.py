@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from typing import Literal
 
 import numpy as np
@@ -80,9 +81,38 @@ def _as_counts(counts: np.ndarray | torch.Tensor | scipy.sparse.spmatrix, name: 
     if array.ndim != 2:
         raise ValueError(f"{name} must be a 2-d (documents x vocabulary) count matrix, got shape {array.shape}")
     array = array.astype(np.float64)
-    if not np.isfinite(array).all() or (array < 0).any() or (array != np.round(array)).any():
-        raise ValueError(f"{name} must hold non-negative integer word counts (no NaN, negative or fractional entries)")
+    _refuse_non_counts(array, name)
     return array
+
+
+def _refuse_non_counts(array: np.ndarray, name: str) -> None:
+    """Raise, naming the first bad entry and the fix, unless ``array`` holds non-negative whole numbers."""
+    bad = ~np.isfinite(array) | (array < 0) | (array != np.round(array))
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        value = float(array[where])
+        kind = "fractional" if np.isfinite(value) and value >= 0 else ("negative" if value < 0 else "non-finite")
+        raise ValueError(
+            f"{name} must hold non-negative integer word counts, but entry {list(where)} is {kind} ({value!r}; "
+            f"{int(bad.sum())} such entries): topic models count words, and fractional counts would be scored as "
+            "if they were whole. Pass the raw counts (round them, np.rint(counts), only if they are counts that "
+            "picked up round-off), not normalised or weighted ones (tf-idf)"
+        )
+
+
+#: Observed count tensors already checked by :func:`_check_count_tensor`, by identity and version (a tensor
+#: changed in place is checked again): the models run every step, and the check of a large corpus is not free.
+_CHECKED_COUNTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _check_count_tensor(counts: torch.Tensor, name: str = "counts") -> None:
+    """The models' check of their observed counts, once per tensor (see :data:`_CHECKED_COUNTS`)."""
+    key = (id(counts), counts._version)
+    if _CHECKED_COUNTS.get(key) is counts:
+        return
+    if counts.is_floating_point() or (counts.dtype != torch.bool and bool((counts < 0).any())):
+        _refuse_non_counts(counts.detach().cpu().double().numpy(), name)
+    _CHECKED_COUNTS[key] = counts
 
 
 def _as_sparse(
@@ -198,6 +228,7 @@ def model(
     if counts is not None:
         if counts.dim() != 2:
             raise ValueError(f"counts must have shape (documents, vocabulary), got {tuple(counts.shape)}")
+        _check_count_tensor(counts)
         num_documents, vocabulary_size = counts.shape
     dtype = counts.dtype if counts is not None and counts.is_floating_point() else torch.get_default_dtype()
     device = counts.device if counts is not None else None
@@ -383,6 +414,7 @@ class ProdLDA(nn.Module):
                 f"counts must have shape (documents, {self.vocabulary_size}) for this ProdLDA, "
                 f"got {tuple(counts.shape)}"
             )
+        _check_count_tensor(counts)
 
     def model(self, counts: torch.Tensor, subsample_size: int | None = None) -> torch.Tensor:
         """The ProdLDA model: ``z_d ~ N(mu_0, sigma_0^2)``, ``w_d ~ Multinomial(softmax(BN(softmax(z_d) B)))``."""

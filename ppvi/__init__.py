@@ -3,7 +3,7 @@
 ``ppvi.fit(model, *data, guide="meanfield")`` fits; the result samples, summarises, saves, converts to ArviZ.
 """
 
-from ppvi import amortized, data
+from ppvi import amortized, data, diagnostics, options
 from ppvi.calibration import SBCResult, VSBCResult, sbc, vsbc
 from ppvi.compare import compare
 from ppvi.convergence import StoppingRule
@@ -28,8 +28,10 @@ __all__ = [
     "amortized",
     "compare",
     "data",
+    "diagnostics",
     "fit",
     "load",
+    "options",
     "plot_comparison",
     "sbc",
     "vsbc",

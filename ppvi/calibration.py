@@ -36,6 +36,7 @@ from ppvi.convergence import StoppingRule, is_stationary
 from ppvi.fit import PRECONDITIONED_ADAM_EPSILON, _max_plate_nesting, _seeded, _structure_trace
 from ppvi.guides import DEFAULT_INIT_SCALE, MeanFieldGuide
 from ppvi.inputs import computation, prepare_arguments, resolve_device, resolve_dtype
+from ppvi.options import OptionTypeError, check_model, validate
 from ppvi.summary import component_names
 
 #: Significance level of the KS test behind the verdict: strict, because a VSBC table tests many components at
@@ -355,6 +356,7 @@ def vsbc(
     VSBCResult
     """
     started = time.perf_counter()
+    check_model(model, "ppvi.vsbc")
     engine, loc, scale = _simulate_and_fit(
         model, args, observed, guide, num_simulations, steps, learning_rate, num_particles, seed, device,
         shift=_shift, compute=lambda engine, loc, scale: engine.p_values(loc, scale, guide),
@@ -402,8 +404,8 @@ def sbc(
     SBCResult
     """
     started = time.perf_counter()
-    if not isinstance(num_draws, int) or num_draws < 1:
-        raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}")
+    check_model(model, "ppvi.sbc")
+    num_draws = validate({"num_draws": num_draws})["num_draws"]
     engine, _, _ = _simulate_and_fit(
         model, args, observed, guide, num_simulations, steps, learning_rate, num_particles, seed, device,
         shift=_shift, compute=lambda engine, loc, scale: engine.ranks(loc, scale, guide, num_draws),
@@ -420,13 +422,26 @@ def _simulate_and_fit(
 ):
     """Validate, simulate ``M`` data sets, fit all replications at once, and run ``compute(engine, loc, scale)``
     (stored as ``engine.computed``) under the same seed, device and dtype."""
-    if guide not in ("meanfield", "fullrank"):
+    if not isinstance(guide, str) or guide not in ("meanfield", "fullrank"):
         raise ValueError(f"guide must be 'meanfield' or 'fullrank', got {guide!r}")
-    if not isinstance(num_simulations, int) or num_simulations < 2:
-        raise ValueError(f"num_simulations must be an integer of at least 2, got {num_simulations!r}")
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    observed = [observed] if isinstance(observed, str) else list(observed)
+    checked = validate(
+        dict(num_simulations=num_simulations, steps=steps, learning_rate=learning_rate, num_particles=num_particles,
+             seed=seed, device=device),
+        optional=("steps", "seed"),
+    )
+    num_simulations, steps, learning_rate = checked["num_simulations"], checked["steps"], checked["learning_rate"]
+    num_particles, seed = checked["num_particles"], checked["seed"]
+    observed = [observed] if isinstance(observed, str) else observed
+    if (
+        not isinstance(observed, (list, tuple))
+        or not observed
+        or not all(isinstance(name, str) for name in observed)
+    ):
+        raise OptionTypeError(
+            f"observed must name the model's observed sample site(s), e.g. observed='y' or observed=('y', 'z'), "
+            f"got {observed!r}"
+        )
+    observed = list(observed)
     resolved_device = resolve_device(device)
     dtype = resolve_dtype("auto", resolved_device)
     with computation(resolved_device, dtype), _seeded(seed):

@@ -16,7 +16,8 @@ import pandas as pd
 import torch
 
 from ppvi.diagnostics.diagnosis import diagnose
-from ppvi.fit import Fit, fit
+from ppvi.fit import AUTO, Fit, check_fit_options, fit
+from ppvi.options import OptionTypeError, validate
 from ppvi.summary import component_names, flatten_draws
 
 Reference = Mapping[str, np.ndarray | torch.Tensor | tuple]
@@ -68,10 +69,18 @@ def _guide_rows(label: str, result: Fit, num_samples: int, seed: int) -> list[di
     return rows
 
 
+def _label(guide: str | Fit | Callable, index: int) -> str:
+    if isinstance(guide, str):
+        return guide
+    if isinstance(guide, Fit):
+        return guide.guide_name or f"guide {index}"
+    return getattr(guide, "__name__", None) or f"{type(guide).__name__} {index}"
+
+
 def compare(
     model: Callable,
     *args: Any,
-    guides: Sequence[str | Fit] | Mapping[str, str | Fit] = ("meanfield", "fullrank"),
+    guides: str | Fit | Sequence[str | Fit] | Mapping[str, str | Fit] = ("meanfield", "fullrank"),
     reference: Reference | None = None,
     num_samples: int = 4000,
     seed: int = 0,
@@ -85,9 +94,10 @@ def compare(
         The Pyro model.
     *args
         Its data.
-    guides : sequence or mapping
-        Registry names to fit with ``ppvi.fit(model, *args, guide=name, **fit_options)``, or fits already made;
-        a mapping gives the labels of the rows.
+    guides : str, Fit, sequence or mapping
+        Registry names to fit with ``ppvi.fit(model, *args, guide=name, **fit_options)`` (or guides of your own),
+        or fits already made; a mapping gives the labels of the rows. A single name (``guides="fullrank"``) or
+        fit is one guide.
     reference : mapping, optional
         The posterior to measure against: draws ``{site: array (num_draws, *site_shape)}`` (NUTS, posteriordb) or
         exact moments ``{site: (mean, sd)}``.
@@ -107,11 +117,23 @@ def compare(
         ``reference_mean``, ``reference_sd``, ``mean_error`` and ``corrected_mean_error`` (absolute, in reference
         sds) and ``sd_ratio`` (``sd / reference_sd``).
     """
+    if isinstance(guides, (str, Fit)) or (callable(guides) and not isinstance(guides, Mapping)):
+        guides = (guides,)  # one guide, not a sequence of one-letter names
+    if not isinstance(guides, (Mapping, Sequence)):
+        raise OptionTypeError(
+            f"guides must be a guide name, a fit, or a sequence or mapping of them, e.g. guides=('meanfield', "
+            f"'fullrank'), got {guides!r}"
+        )
     labelled = dict(guides) if isinstance(guides, Mapping) else {
-        (guide if isinstance(guide, str) else guide.guide_name or f"guide {i}"): guide for i, guide in enumerate(guides)
+        _label(guide, i): guide for i, guide in enumerate(guides)
     }
     if not labelled:
         raise ValueError("guides is empty: name at least one guide, e.g. guides=('meanfield', 'fullrank')")
+    checked = validate({"num_samples": num_samples, "seed": seed}, optional=("seed",))
+    num_samples, seed = checked["num_samples"], checked["seed"]
+    to_fit = [guide for guide in labelled.values() if not isinstance(guide, Fit)]
+    for guide in to_fit or [AUTO]:  # every name, and the options, checked before the first fit starts
+        fit_options = check_fit_options(model, guide, fit_options, "ppvi.compare")
     rows = []
     for label, guide in labelled.items():
         result = guide if isinstance(guide, Fit) else fit(model, *args, guide=guide, **fit_options)

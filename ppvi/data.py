@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import os
 import tempfile
+import zipfile
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -246,19 +247,46 @@ def _images_and_labels(images: np.ndarray, labels: np.ndarray, source: str) -> t
     return (images / np.float32(255.0)).astype(np.float32), labels.astype(np.int64)
 
 
-def _mnist_from_npz(path: Path) -> ImageData:
-    keys = ("x_train", "y_train", "x_test", "y_test")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
+#: What reading a damaged npz raises: a truncated zip (``BadZipFile``, ``EOFError``), a damaged member (``zlib``),
+#: or bytes that are no npz at all (NumPy's ``ValueError``: "pickled data" or "failed to interpret").
+_CORRUPT_NPZ_ERRORS = (OSError, EOFError, ValueError, KeyError, zlib.error, zipfile.BadZipFile)
+
+
+def _read_npz(path: Path, keys: tuple[str, ...], layout: str, fix: str) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of the npz at ``path``; a damaged file or another layout raises ``ValueError`` naming
+    the file and what to do (``fix``)."""
+
+    def corrupt(error: Exception) -> ValueError:
+        return ValueError(
+            f"{path} is not a readable npz file ({type(error).__name__}: {error}): it is corrupt (a download or copy "
+            f"cut short?). {fix}"
+        )
+
+    # The file is opened here, not by np.load, which leaves it open when the zip cannot be read.
+    with open(path, "rb") as handle:
+        try:
+            archive = np.load(handle, allow_pickle=False)
+        except _CORRUPT_NPZ_ERRORS as error:
+            raise corrupt(error) from error
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path} holds a single array, not an npz archive with the arrays {list(keys)} ({layout})")
+        with archive:
             missing = [key for key in keys if key not in archive.files]
             if missing:
-                raise ValueError(
-                    f"{path} lacks the arrays {missing} of the Keras mnist.npz layout (x_train, y_train, x_test, "
-                    f"y_test); it holds {archive.files}"
-                )
-            arrays = {key: archive[key] for key in keys}
-    except (OSError, zlib.error) as error:
-        raise ValueError(f"{path} is not a readable npz file ({error}): it is corrupt; fetch it again") from error
+                raise ValueError(f"{path} lacks the arrays {missing} of the {layout} layout; it holds {archive.files}")
+            try:
+                return {key: archive[key] for key in keys}
+            except _CORRUPT_NPZ_ERRORS as error:
+                raise corrupt(error) from error
+
+
+def _mnist_from_npz(path: Path) -> ImageData:
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    arrays = _read_npz(
+        path, keys, "Keras mnist.npz (x_train, y_train, x_test, y_test)",
+        f"Delete it and download it again, or fetch the four official IDX files instead "
+        f"(ppvi.data.mnist(download=True) does, once {path.name} is gone).",
+    )
     train_images, train_labels = _images_and_labels(arrays["x_train"], arrays["y_train"], str(path))
     test_images, test_labels = _images_and_labels(arrays["x_test"], arrays["y_test"], str(path))
     return ImageData(train_images, train_labels, test_images, test_labels)
@@ -406,16 +434,10 @@ def binarized_mnist(path: str | Path | None = None, *, include_validation: bool 
             "train, valid and test (n x 784, 0/1); build it from the published binarized_mnist_{train,valid,test}"
             ".amat files and pass its path (published at www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/)"
         )
-    try:
-        with np.load(where, allow_pickle=False) as archive:
-            missing = [key for key in ("train", "valid", "test") if key not in archive.files]
-            if missing:
-                raise ValueError(
-                    f"{where} lacks the arrays {missing} (expected train, valid, test); it holds {archive.files}"
-                )
-            splits = {key: archive[key] for key in ("train", "valid", "test")}
-    except (OSError, zlib.error) as error:
-        raise ValueError(f"{where} is not a readable npz file ({error}): it is corrupt; rebuild it") from error
+    splits = _read_npz(
+        where, ("train", "valid", "test"), "binarized MNIST (train, valid, test)",
+        "Delete it and rebuild it from the published .amat files.",
+    )
     for key, array in splits.items():
         # 784 = 28 x 28 pixels per image.
         if array.ndim != 2 or array.shape[1] != 784 or not ((array == 0) | (array == 1)).all():
@@ -584,8 +606,11 @@ def _vocabulary_words(text: str) -> list[str]:
 def _load_counts(path: Path, n_words: int) -> scipy.sparse.csr_matrix:
     try:
         matrix = scipy.sparse.load_npz(path)
-    except (OSError, ValueError, KeyError, zlib.error) as error:
-        raise ValueError(f"{path} is not a scipy.sparse npz ({error}): it is corrupt; rebuild or fetch it") from error
+    except _CORRUPT_NPZ_ERRORS as error:
+        raise ValueError(
+            f"{path} is not a scipy.sparse npz ({type(error).__name__}: {error}): it is corrupt; delete it and "
+            "rebuild or fetch it again"
+        ) from error
     if matrix.ndim != 2 or matrix.shape[1] != n_words:
         raise ValueError(
             f"{path} has shape {matrix.shape} but the vocabulary has {n_words} words: the count matrix and "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -25,12 +26,13 @@ from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger
+from pyro.nn import PyroModule
 from torch.distributions import biject_to
 
 from ppvi import training
 from ppvi.convergence import StoppingRule
 from ppvi.diagnostics.diagnosis import Diagnosis, diagnose, resample
-from ppvi.guides import AUTO, GuideSpec, PreconditionedGuide, resolve_guide
+from ppvi.guides import AUTO, GUIDES, GuideSpec, PreconditionedGuide, resolve_guide
 from ppvi.initialization import (
     SINGULAR_HESSIAN_MESSAGE,
     LaplaceStart,
@@ -41,11 +43,13 @@ from ppvi.initialization import (
 from ppvi.inputs import (
     accepts_keyword,
     computation,
+    explain_data_failure,
     prepare_arguments,
     resolve_device,
     resolve_dtype,
     threads_for,
 )
+from ppvi.options import OptionTypeError, check_model, validate
 from ppvi.summary import summarize
 
 #: Learning rate of Adam in the preconditioned coordinates, where the posterior is about N(0, I): a tenth of a
@@ -147,6 +151,11 @@ class Fit:
         How training ended.
     history : list of GuideAttempt
         For ``guide="auto"``, every family tried, in order (empty otherwise).
+    interrupted : bool
+        Whether training was stopped by ``KeyboardInterrupt`` (Ctrl-C): the fit holds the parameters reached by
+        then, ``converged`` is False and ``message`` says at which step.
+    params : dict of str to torch.Tensor
+        The model's own ``pyro.param`` values, trained with the guide's parameters (empty for a model without any).
     """
 
     def __init__(
@@ -168,6 +177,7 @@ class Fit:
         message: str,
         max_plate_nesting: int,
         history: list[GuideAttempt] | None = None,
+        interrupted: bool = False,
     ):
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.guide_name, self.guide_options = guide_name, guide_options
@@ -176,7 +186,15 @@ class Fit:
         self.laplace, self.message = laplace, message
         self.max_plate_nesting = max_plate_nesting
         self.history = list(history or [])
+        self.interrupted = interrupted
         self._vectorizable = True
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """The model's own ``pyro.param`` values (constrained), trained with the guide's parameters."""
+        if isinstance(self.model, _ModelParameters):
+            return self.model.values()
+        return {}
 
     def __repr__(self) -> str:
         name = self.guide_name or type(self.guide).__name__
@@ -202,13 +220,18 @@ class Fit:
         model broadcasts over it; otherwise, for models written for one draw at a time (``locs[z]`` rather than
         ``Vindex(locs)[..., z]``), one pair of traces per draw.
         """
+        num_samples, seed = _check_draws(num_samples, seed)
         shapes = self.site_shapes()
         with computation(self.device, self.dtype), torch.no_grad(), _seeded(seed):
             if self._vectorizable:
                 try:
                     return self._vectorized_draws(num_samples, shapes, weights)
                 except (ValueError, RuntimeError, IndexError):
+                    # Draw by draw from now on only when that works: an error that is not about broadcasting
+                    # raises again below, and leaves the fit vectorized.
+                    draws = self._sequential_draws(num_samples, shapes, weights)
                     self._vectorizable = False
+                    return draws
             return self._sequential_draws(num_samples, shapes, weights)
 
     def _pair_of_traces(self):
@@ -270,8 +293,9 @@ class Fit:
         ValueError
             ``corrected=True`` and k-hat above the threshold (the message says which k-hat and what to do).
         """
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        num_samples, seed = _check_draws(num_samples, seed)
+        if not isinstance(corrected, bool):
+            raise OptionTypeError(f"corrected must be True or False, got {corrected!r}")
         if not corrected:
             return self._draw(num_samples, seed, weights=False)[0]
         proposals = max(num_samples, SUMMARY_DRAWS)
@@ -292,7 +316,7 @@ class Fit:
     def site_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of one draw of every latent (and deterministic) site, in model order."""
         if not hasattr(self, "_site_shapes"):
-            with computation(self.device, self.dtype):
+            with computation(self.device, self.dtype), _keeping_random_state():
                 reference = _structure_trace(self.model, self.args, self.kwargs)
             self._site_shapes = {
                 name: tuple(site["value"].shape) for name, site in reference.nodes.items() if _is_reported(site)
@@ -313,7 +337,8 @@ class Fit:
 
         draws = self.sample(num_samples, seed=seed)
         posterior = {name: value.double().cpu().numpy()[None] for name, value in draws.items()}
-        reference = _structure_trace(self.model, self.args, self.kwargs)
+        with computation(self.device, self.dtype), _keeping_random_state():
+            reference = _structure_trace(self.model, self.args, self.kwargs)
         observed = {
             name: site["value"].detach().cpu().numpy()
             for name, site in reference.nodes.items()
@@ -323,6 +348,7 @@ class Fit:
 
     # -- diagnostics --------------------------------------------------------------------------------------------
     def _weighted_draws(self, num_samples: int, seed: int | None):
+        num_samples, seed = _check_draws(num_samples, seed)
         if self.guide_name == "map":
             raise ValueError(
                 "a point-mass (MAP) guide has no density, so it has no importance weights: diagnose a 'laplace', "
@@ -333,7 +359,7 @@ class Fit:
         return self._draw(num_samples, seed, weights=True)
 
     def _enumerated(self) -> bool:
-        with computation(self.device, self.dtype):
+        with computation(self.device, self.dtype), _keeping_random_state():
             structure = _structure_trace(self.model, self.args, self.kwargs)
         return any(site["type"] == "sample" and site["infer"].get("enumerate") for site in structure.nodes.values())
 
@@ -364,6 +390,7 @@ class Fit:
                         self.model, self.guide, self.args, self.kwargs, latent, self.max_plate_nesting
                     )
                 except (ValueError, RuntimeError, IndexError):
+                    log_joint = self._sequential_marginal_log_density(latent)  # raises again if not broadcasting
                     self._vectorizable = False
             if log_joint is None:
                 log_joint = self._sequential_marginal_log_density(latent)
@@ -428,6 +455,11 @@ class Fit:
         seed : int, optional
             Seed of the draws.
         """
+        if not callable(function):
+            raise OptionTypeError(
+                f"function must be callable, mapping the draws to values, e.g. lambda draws: draws['mu'], "
+                f"got {function!r}"
+            )
         draws, log_weights = self._weighted_draws(num_samples, seed)
         values = torch.as_tensor(function(draws)).double()
         if values.shape[:1] != (num_samples,):
@@ -442,6 +474,24 @@ class Fit:
         from ppvi.serialization import save_fit
 
         save_fit(self, path)
+
+
+def _check_draws(num_samples: Any, seed: Any) -> tuple[int, int | None]:
+    """``num_samples`` and ``seed`` of the draws, checked before anything runs (a bad value must not be taken for
+    a model that cannot draw in a batch)."""
+    checked = validate({"num_samples": num_samples, "seed": seed}, optional=("seed",))
+    return checked["num_samples"], checked["seed"]
+
+
+@contextlib.contextmanager
+def _keeping_random_state():
+    """Run a block (a structure trace, which may draw from the prior to find a feasible point) and put the global
+    random state (torch's, NumPy's, Python's) back as it was."""
+    state = pyro.util.get_rng_state()
+    try:
+        yield
+    finally:
+        pyro.util.set_rng_state(state)
 
 
 class _seeded:
@@ -626,6 +676,84 @@ def _marginal_log_density(
     return total, entries
 
 
+class _ModelParameters:
+    """A model whose own ``pyro.param`` statements read and write a parameter store of its own (Pyro's
+    ``ParamStoreDict.scope``): inside the guide (a module with module-local parameters, which Pyro's check refuses to
+    share with a model) and outside it alike, so the fit trains the model's parameters with the guide's and two fits
+    of one model never share them."""
+
+    def __init__(self, model: Callable):
+        self.model = model
+        self.state: dict = {"params": {}, "constraints": {}}
+        functools.update_wrapper(self, model, updated=())  # the model's name and signature
+
+    def __call__(self, *args, **kwargs):
+        with pyro.get_param_store().scope(state=self.state):
+            return self.model(*args, **kwargs)
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """The parameters' current (constrained) values."""
+        with pyro.get_param_store().scope(state=self.state) as state:
+            store = pyro.get_param_store()
+            return {name: store[name].detach() for name in list(state["params"])}
+
+
+def _adopt_pyro_module(guide: Any) -> None:
+    """Let a Pyro module made outside ppvi (``pyro.infer.autoguide.AutoNormal(model)``, built where module-local
+    parameters were off) run inside :func:`ppvi.inputs.computation`, where they are on: give each of its modules
+    the parameter state Pyro gives modules made in that mode."""
+    if not isinstance(guide, PyroModule):
+        return
+    for module in guide.modules():
+        context = getattr(module, "_pyro_context", None)
+        if context is not None and not hasattr(context, "param_state"):
+            context.param_state = {"params": {}, "constraints": {}}
+
+
+def _check_observed_values(structure: poutine.Trace, model: Callable, args: tuple) -> None:
+    """Refuse observed values Pyro's distributions cannot score, saying how to convert them."""
+    for name, site in structure.nodes.items():
+        if site["type"] != "sample" or not site["is_observed"] or site["infer"].get("_deterministic"):
+            continue
+        value = site["value"]
+        if isinstance(value, (str, bytes, list, tuple, np.ndarray)):
+            problem = TypeError(f"the observed site {name!r} was given a {type(value).__name__}, not a tensor")
+            explained = explain_data_failure(model, args, problem)
+            raise explained or ValueError(
+                f"{problem}: Pyro's distributions score tensors of numbers; pass the data as numbers (a tensor, "
+                "a numpy array of numbers, a list of numbers or a pandas Series)"
+            )
+        if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+            raise ValueError(
+                f"the observed site {name!r} holds a bool tensor, which Pyro's distributions cannot score: convert "
+                "the data to numbers first, e.g. y.double() (or y.float()) for 0/1 outcomes of a Bernoulli, "
+                "y.long() for counts or categories (a bool tensor is fine as a mask, poutine.mask(mask=...))"
+            )
+
+
+def _check_not_flat(
+    model, guide: PreconditionedGuide, args, kwargs, point_elbo_class, max_plate_nesting: int, latent: list[str]
+) -> None:
+    """Refuse a posterior whose unconstrained log density does not change at all with the latent coordinates:
+    flat everywhere, hence improper (it has no mode, no Hessian and no gradient for the ELBO to follow)."""
+    negative_log_density = _point_mass_negative_log_density(
+        model, guide, args, kwargs, point_elbo_class, max_plate_nesting
+    )
+    point = guide.preconditioner_loc.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), _keeping_random_state():
+        try:
+            value = negative_log_density(point)
+        except (ValueError, RuntimeError, IndexError):
+            return  # the Laplace start and training report what is wrong
+    if not value.requires_grad:
+        raise ValueError(
+            f"the model's log density does not change with any of its latent sites {latent}: the posterior is flat "
+            "everywhere, hence improper (improper priors, such as dist.ImproperUniform, that no observed data "
+            "inform), and there is nothing to fit. Give those sites proper priors (e.g. dist.Normal(0.0, 10.0)) or "
+            "observe data that depend on them."
+        )
+
+
 def _structure_trace(model: Callable, args: tuple, kwargs: dict) -> poutine.Trace:
     """One run of the model with every latent site at a feasible point: no sampling from (possibly improper) priors."""
     with poutine.block(), torch.no_grad():
@@ -717,12 +845,16 @@ def fit(
     model : callable
         A Pyro model; ``model(*args, **model_kwargs)``.
     *args
-        The data, passed to the model positionally (tensors, numpy arrays or numbers).
+        The data, passed to the model positionally (tensors, numpy arrays, lists of numbers, numbers, or pandas
+        objects: a Series becomes a 1-d tensor, a DataFrame of numbers a 2-d one, rows by columns). Tensors are
+        detached (a tensor with ``requires_grad=True`` gets no ``.grad`` from the fit) and never modified.
     guide : str or callable
         A name from :data:`ppvi.GUIDES` (``"map"``, ``"laplace"``, ``"meanfield"``, ``"fullrank"``, ``"lowrank"``,
         ``"flow"``), ``"auto"``, or a guide of your own (a callable or ``torch.nn.Module``, e.g. an amortized
-        encoder). ``"flow"`` fits ``"fullrank"`` first and starts its flows, initialised at the identity, from that
-        answer. ``"auto"`` fits mean-field, diagnoses it with PSIS, and escalates (full-rank, or low-rank above
+        encoder, or a Pyro autoguide such as ``pyro.infer.autoguide.AutoNormal(model)``). A model's own
+        ``pyro.param`` values are trained with the guide's parameters (``fit.params``). ``"flow"`` fits
+        ``"fullrank"`` first and starts its flows, initialised at the identity, from that answer.
+        ``"auto"`` fits mean-field, diagnoses it with PSIS, and escalates (full-rank, or low-rank above
         :data:`AUTO_FULL_RANK_MAX_DIMENSION` coordinates, then flow) until a converged fit's own draws can stand
         for the posterior (``Diagnosis.guide_draws_usable``: k-hat good or ok with a small mismatch, or
         "caution"); it returns that fit, or else the one with the highest ELBO, with every attempt in
@@ -773,7 +905,10 @@ def fit(
     Raises
     ------
     ValueError
-        Unknown guide or option, data holding NaN/inf, a model without latent sites.
+        Unknown guide or option, an option out of range (checked by :func:`ppvi.options.validate` before any work;
+        a value of the wrong kind raises :class:`ppvi.options.OptionTypeError`, also a ``TypeError``), data
+        holding NaN/inf or None, empty data, bool observations, a posterior flat everywhere (improper), a model
+        without latent sites.
     RuntimeError
         CUDA asked for but not available.
     NonFiniteELBOError
@@ -791,6 +926,11 @@ def fit(
     fresh draws) is finite and no worse than where training started (the Laplace start, or the full-rank answer
     for a flow) beyond Monte Carlo noise, and the Laplace start did not find the posterior flat in some
     direction (improper). ``fit.message`` says which of these failed.
+
+    ``KeyboardInterrupt`` (Ctrl-C) during training stops it cleanly, as PyMC's ``pm.fit`` does: ``fit`` returns
+    the fit so far, with the parameters of the last completed step, ``converged=False``, ``fit.interrupted=True``
+    and ``fit.message`` saying at which step it was interrupted (no ELBO check at the end, and ``guide="auto"`` or
+    ``"flow"`` go no further). An interrupt before training starts (during the Laplace start) propagates.
     """
     options = dict(
         guide_options=guide_options, steps=steps, max_steps=max_steps, learning_rate=learning_rate,
@@ -798,11 +938,60 @@ def fit(
         dtype=dtype, seed=seed, progress=progress, initialization=initialization, stopping_rule=stopping_rule,
         model_kwargs=model_kwargs,
     )
+    options = check_fit_options(model, guide, options)
     if isinstance(guide, str) and guide == AUTO:
         return _fit_auto(model, args, options)
     spec = resolve_guide(guide) if isinstance(guide, str) else None
     start = _fit_start(model, args, options, spec.start_from) if spec is not None and spec.start_from else None
+    if start is not None and start.interrupted:
+        start.message += f"; the {guide!r} fit that was to start from it did not run"
+        return start
     return _fit_one(model, args, guide, start, **options)
+
+
+#: Options of :func:`fit` that may be ``None`` (ppvi's default).
+_OPTIONAL_FIT_OPTIONS = (
+    "guide_options", "steps", "learning_rate", "num_particles", "subsample_size", "seed", "progress", "model_kwargs",
+)
+#: The ``elbo=`` names.
+_ELBO_NAMES = ("auto", "trace", "meanfield", "enumerate", "amortized")
+
+
+def check_fit_options(model: Any, guide: Any, options: dict[str, Any], function: str = "ppvi.fit") -> dict[str, Any]:
+    """Check :func:`fit`'s model, guide and options (all or some of them) before any work
+    (:func:`ppvi.options.validate` for the shared ones); return the options normalised.
+
+    Raises ``ValueError`` (:class:`ppvi.options.OptionTypeError` for a value of the wrong kind) naming the option
+    and the fix.
+    """
+    check_model(model, function)
+    if isinstance(guide, str):
+        if guide != AUTO:
+            resolve_guide(guide)  # an unknown name lists the known ones
+    elif not callable(guide):
+        raise OptionTypeError(
+            f"guide must be a registry name ({', '.join(map(repr, GUIDES))} or 'auto') or a guide of your own (a "
+            f"callable or torch.nn.Module, e.g. pyro.infer.autoguide.AutoNormal(model)), got {guide!r}"
+        )
+    known = set(_OPTIONAL_FIT_OPTIONS) | {"max_steps", "schedule", "elbo", "device", "dtype", "initialization",
+                                          "stopping_rule"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise OptionTypeError(f"unknown option(s) {unknown} of ppvi.fit: the options are {sorted(known)}")
+    checked = validate(options, optional=_OPTIONAL_FIT_OPTIONS)
+    schedule = checked.get("schedule", "constant")
+    if not callable(schedule) and schedule not in ("constant", "exponential", "cosine"):
+        raise ValueError(f"unknown schedule {schedule!r}: use 'constant', 'exponential', 'cosine' or a callable")
+    elbo = checked.get("elbo", "auto")
+    if not isinstance(elbo, ELBO) and elbo not in _ELBO_NAMES:
+        raise ValueError(f"unknown elbo {elbo!r}: use one of {_ELBO_NAMES} or a pyro.infer.ELBO instance")
+    initialization = checked.get("initialization", "laplace")
+    if initialization not in ("laplace", "prior"):
+        raise ValueError(f"initialization must be 'laplace' or 'prior', got {initialization!r}")
+    rule = checked.get("stopping_rule")
+    if rule is not None and not isinstance(rule, StoppingRule):
+        raise OptionTypeError(f"stopping_rule must be a ppvi.StoppingRule or None, got {rule!r}")
+    return checked
 
 
 def _fit_start(model: Callable, args: tuple, options: dict, family: str) -> Fit:
@@ -876,6 +1065,13 @@ def _fit_auto(model: Callable, args: tuple, options: dict) -> Fit:
             ))
             family = _next_family(family, error.fit.guide.latent_dim)
             continue
+        if result.interrupted:  # Ctrl-C: the user wants a fit now, not the next family
+            history.append(GuideAttempt(
+                family, math.nan, math.nan, "interrupted", False, time.perf_counter() - attempt_started,
+                f"{result.message}: stopped here",
+            ))
+            result.history, result.seconds = history, time.perf_counter() - started
+            return result
         fits[family] = result
         diagnosis = result.diagnose()
         following = _next_family(family, result.guide.latent_dim)
@@ -995,7 +1191,18 @@ def _fit_one(
         args, kwargs = prepare_arguments(model, args, kwargs, resolved_device, resolved_dtype)
         if seed is not None:
             pyro.set_rng_seed(seed)
-        structure = _structure_trace(model, args, kwargs)
+        # A model's own pyro.param values live in a store of this fit's (module-local parameters would otherwise
+        # put them inside the guide, which Pyro refuses), and are trained with the guide's.
+        with_parameters = _ModelParameters(model)
+        try:
+            structure = _structure_trace(with_parameters, args, kwargs)
+        except Exception as error:
+            explained = explain_data_failure(model, args, error)
+            if explained is None:
+                raise
+            raise explained from error
+        if any(site["type"] == "param" for site in structure.nodes.values()):
+            model = with_parameters
         latent = [
             name for name, site in structure.nodes.items()
             if site["type"] == "sample" and not site["is_observed"] and not poutine.util.site_is_subsample(site)
@@ -1003,11 +1210,14 @@ def _fit_one(
         if not latent:
             raise ValueError(
                 "the model has no latent sample sites, so there is no posterior to approximate: every pyro.sample "
-                "site is observed. Leave an unknown quantity unobserved (obs=None) or use MLE on pyro.param values."
+                "site is observed. Leave an unknown quantity unobserved (obs=None); for point estimates of every "
+                "unknown, declare them with pyro.param and use Pyro's SVI (maximum likelihood) instead."
             )
+        _check_observed_values(structure, model, args)
         enumerated = any(structure.nodes[name]["infer"].get("enumerate") is not None for name in latent)
         max_plate_nesting = _max_plate_nesting(structure)
         guide_object = spec.factory(model, **guide_options) if spec is not None else guide
+        _adopt_pyro_module(guide_object)
         if isinstance(guide_object, torch.nn.Module):
             guide_object.to(device=resolved_device)
             if not isinstance(guide_object, AutoGuide):
@@ -1017,6 +1227,8 @@ def _fit_one(
         if start is not None:
             guide_object.set_gaussian(*_gaussian_of(start.guide))
         point_elbo_class = TraceEnum_ELBO if enumerated else Trace_ELBO
+        if isinstance(guide_object, PreconditionedGuide):
+            _check_not_flat(model, guide_object, args, kwargs, point_elbo_class, max_plate_nesting, latent)
         laplace = None
         wants_laplace = spec is not None and spec.laplace_start and isinstance(guide_object, PreconditionedGuide)
         if wants_laplace and (initialization == "laplace" or spec.objective == "none"):
@@ -1069,12 +1281,13 @@ def _fit_one(
             def loss_function() -> torch.Tensor:
                 return elbo_object.differentiable_loss(model, guide_object, *args, **kwargs)
 
-        def result(elbo_trace, steps_taken, converged, message) -> Fit:
+        def result(elbo_trace, steps_taken, converged, message, interrupted=False) -> Fit:
             return Fit(
                 model, guide_object, args, kwargs, guide_name=guide if spec else None, guide_options=guide_options,
                 elbo=-np.asarray(elbo_trace, dtype=np.float64), steps=steps_taken,
                 seconds=time.perf_counter() - started, device=resolved_device, dtype=resolved_dtype,
                 converged=converged, laplace=laplace, message=message, max_plate_nesting=max_plate_nesting,
+                interrupted=interrupted,
             )
 
         if spec is not None and spec.objective == "none":
@@ -1101,6 +1314,7 @@ def _fit_one(
             max_gradient_norm=spec.max_gradient_norm if spec is not None else None,
         )
         converged = run.converged
+        interrupted = run.interrupted_step is not None
         if run.diverged_step is not None:
             warnings.warn(
                 f"training of guide {guide!r} diverged: {run.message}", FitWarning, stacklevel=_user_stack_level()
@@ -1108,7 +1322,7 @@ def _fit_one(
         if laplace is not None and laplace.message.startswith(SINGULAR_HESSIAN_MESSAGE):
             converged = False
             notes.append("the Laplace start found the posterior flat along some direction: it may be improper")
-        if checked and run.nonfinite_step is None:
+        if checked and run.nonfinite_step is None and not interrupted:  # Ctrl-C asks for the fit now: no check
             end_elbo = _elbo_estimate(loss_function)
             allowance = ELBO_CHECK_SIGNIFICANCE * math.hypot(start_elbo[1], end_elbo[1]) + rule.tolerance
             if not end_elbo[0] >= start_elbo[0] - allowance:
@@ -1124,7 +1338,7 @@ def _fit_one(
                 warnings.warn(f"guide {guide!r}: {change}", FitWarning, stacklevel=_user_stack_level())
         if start is not None:
             notes.append(f"started from the {start.guide_name!r} fit ({start.steps} steps, {start.seconds:.3g} s)")
-        outcome = result(run.losses, run.steps, converged, "; ".join([run.message, *notes]))
+        outcome = result(run.losses, run.steps, converged, "; ".join([run.message, *notes]), interrupted)
         if start is not None:
             outcome.seconds += start.seconds
         if run.nonfinite_step is not None:

@@ -102,17 +102,136 @@ def _argument_names(model: Callable, count: int) -> list[str]:
     return [names[i] if i < len(names) else f"argument {i}" for i in range(count)]
 
 
+#: How to pass data ppvi cannot use as it is: the end of the messages about strings and non-numeric values.
+_PASS_NUMBERS = (
+    "ppvi passes the data to the model as tensors, so pass numbers (a tensor, a numpy array, a list of numbers "
+    "or a pandas Series / numeric DataFrame); a setting such as a name belongs in model_kwargs={...}"
+)
+
+
+def _from_pandas(value: Any, name: str) -> np.ndarray:
+    """A pandas Series as a 1-d array, a DataFrame of numbers as a 2-d one (rows by columns), as PyMC takes them."""
+    import pandas as pd
+
+    if isinstance(value, pd.Series):
+        if not (pd.api.types.is_numeric_dtype(value.dtype) or pd.api.types.is_bool_dtype(value.dtype)):
+            raise ValueError(
+                f"{name} is a pandas Series of dtype {value.dtype}, not numbers: for categories pass their codes "
+                "(series.cat.codes, or pd.factorize(series)[0]); for numbers stored as text, pd.to_numeric(series)"
+            )
+        return _pandas_array(value)
+    non_numeric = [
+        column for column, column_dtype in value.dtypes.items()
+        if not (pd.api.types.is_numeric_dtype(column_dtype) or pd.api.types.is_bool_dtype(column_dtype))
+    ]
+    if non_numeric:
+        raise ValueError(
+            f"{name} is a pandas DataFrame with non-numeric column(s) {non_numeric[:5]}: pass the numeric ones "
+            "(df.select_dtypes('number'), a 2-d tensor of rows by columns), encode categories as codes "
+            "(df[column].cat.codes), or pass one column as a Series (df['y'])"
+        )
+    return _pandas_array(value)
+
+
+def _pandas_array(value: Any) -> np.ndarray:
+    array = value.to_numpy()
+    if array.dtype == object:  # nullable dtypes (Int64, boolean) with pd.NA: NaN, refused below with its index
+        array = value.to_numpy(dtype=np.float64, na_value=np.nan)
+    return array
+
+
+def _leaves(values: Any, index: tuple[int, ...] = ()) -> Iterator[tuple[tuple[int, ...], Any]]:
+    """Every non-list element of nested lists and tuples, with its index."""
+    for position, item in enumerate(values):
+        if isinstance(item, (list, tuple)):
+            yield from _leaves(item, (*index, position))
+        else:
+            yield (*index, position), item
+
+
+def _numbers_in(leaves: list[tuple[tuple[int, ...], Any]]) -> bool:
+    return any(
+        isinstance(item, (int, float, complex, np.number, torch.Tensor)) and not isinstance(item, bool)
+        for _, item in leaves
+    )
+
+
+def _check_sequence(value: list | tuple, name: str) -> None:
+    """Refuse lists of numbers with holes (None), naming the place: missing data is never imputed silently."""
+    leaves = list(_leaves(value))
+    if not _numbers_in(leaves):
+        return
+    for index, item in leaves:
+        if item is None:
+            where = list(index) if len(index) > 1 else index[0]
+            raise ValueError(
+                f"{name} holds None at index [{where}]: ppvi does not drop or impute missing data silently. "
+                "Remove those entries (or model them as latent) and fit again."
+            )
+
+
+def _problem(value: Any, name: str) -> str | None:
+    """Why a positional argument that ppvi passed on unconverted is probably not data the model can use."""
+    if isinstance(value, (str, bytes)):
+        return f"{name} is a string ({value!r}): {_PASS_NUMBERS}"
+    if isinstance(value, np.ndarray) and value.dtype.kind in "USO":
+        return f"{name} is an array of dtype {value.dtype}, not numbers: {_PASS_NUMBERS}"
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return f"{name} is an empty {type(value).__name__}: there is nothing to condition on; pass the data"
+        leaves = list(_leaves(value))
+        for index, item in leaves:
+            if isinstance(item, (str, bytes)):
+                where = list(index) if len(index) > 1 else index[0]
+                return f"{name} holds the string {item!r} at index [{where}]: {_PASS_NUMBERS}"
+        if _numbers_in(leaves) and not _is_numeric(value):
+            return (
+                f"{name} is a ragged list (its rows have different lengths), not an array: pass a rectangular list "
+                "or tensor, padding short rows and masking the padding in the model (poutine.mask)"
+            )
+    return None
+
+
+def explain_data_failure(model: Callable, args: tuple, error: Exception) -> ValueError | None:
+    """When the model fails on its first run, a ``ValueError`` that names the data arguments ppvi could not turn
+    into tensors (strings, empty or ragged lists) and says what to pass; ``None`` when none looks wrong."""
+    names = _argument_names(model, len(args))
+    problems = [problem for name, value in zip(names, args, strict=True)
+                if (problem := _problem(value, f"data argument {name!r}")) is not None]
+    if not problems:
+        return None
+    return ValueError(f"the model failed on its data ({type(error).__name__}: {error}): " + "; ".join(problems))
+
+
+def _check_not_empty(value: torch.Tensor | np.ndarray, name: str) -> None:
+    size = value.numel() if isinstance(value, torch.Tensor) else value.size
+    if size == 0:
+        raise ValueError(
+            f"{name} is empty (shape {tuple(value.shape)}): there is nothing to condition on. Pass the data (at "
+            "least one observation); to simulate from the model instead, pass None where it takes its observations"
+        )
+
+
 def _convert(value: Any, name: str, device: torch.device, dtype: torch.dtype) -> Any:
+    if type(value).__module__.startswith("pandas") and type(value).__name__ in ("Series", "DataFrame"):
+        value = _from_pandas(value, name)
+    if isinstance(value, (list, tuple)):
+        _check_sequence(value, name)
     if isinstance(value, np.ndarray) or (isinstance(value, (list, tuple)) and value and _is_numeric(value)):
         array = np.asarray(value)
+        _check_not_empty(array, name)
         if array.dtype.kind in "fc" or array.dtype == object:
-            value = torch.tensor(array.astype(np.float64))
+            value = torch.tensor(_as_float_array(array, name))
         elif array.dtype.kind in "iub":
             value = torch.tensor(array)  # a copy: the user's array must not change if the model writes to it
         else:
             return value
     if not isinstance(value, torch.Tensor):
         return value
+    _check_not_empty(value, name)
+    # The user's tensor is never part of ppvi's graphs: a tensor with requires_grad=True would otherwise have its
+    # .grad filled in by every step of training.
+    value = value.detach()
     if value.is_floating_point():
         nonfinite = ~torch.isfinite(value)
         if nonfinite.any():
@@ -128,6 +247,24 @@ def _convert(value: Any, name: str, device: torch.device, dtype: torch.dtype) ->
     return value
 
 
+def _as_float_array(array: np.ndarray, name: str) -> np.ndarray:
+    if array.dtype == object:  # None would become NaN, and a string a bare error: name them first
+        for position, item in enumerate(array.reshape(-1)):
+            if item is None or isinstance(item, (str, bytes)):
+                where = [int(i) for i in np.unravel_index(position, array.shape)]
+                where = where if len(where) > 1 else where[0]
+                if item is None:
+                    raise ValueError(
+                        f"{name} holds None at index [{where}]: ppvi does not drop or impute missing data silently. "
+                        "Remove those entries (or model them as latent) and fit again."
+                    )
+                raise ValueError(f"{name} holds the string {item!r} at index [{where}]: {_PASS_NUMBERS}")
+    try:
+        return array.astype(np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} cannot be read as numbers ({error}): {_PASS_NUMBERS}") from error
+
+
 def _is_numeric(values: list | tuple) -> bool:
     try:
         return np.asarray(values).dtype.kind in "fciub"
@@ -138,10 +275,13 @@ def _is_numeric(values: list | tuple) -> bool:
 def prepare_arguments(
     model: Callable, args: tuple, kwargs: dict, device: torch.device, dtype: torch.dtype
 ) -> tuple[tuple, dict]:
-    """Convert numpy arrays and numeric lists to tensors on ``device``, floats in ``dtype``, and reject NaN/inf.
+    """Convert numpy arrays, numeric lists and pandas Series / numeric DataFrames to tensors on ``device``, floats
+    in ``dtype``; reject NaN/inf, None inside lists of numbers, and empty arrays. Other values (strings, lists
+    that are not numbers) pass through unchanged: :func:`explain_data_failure` names them if the model fails.
 
-    The user's objects are never modified: arrays are copied; tensors already of the right dtype and device are
-    passed on as they are (ppvi itself never writes to data).
+    The user's objects are never modified: arrays are copied; tensors are detached (ppvi's gradients never reach
+    the user's tensors, even with ``requires_grad=True``), and those already of the right dtype and device share
+    their memory (ppvi itself never writes to data).
     """
     names = _argument_names(model, len(args))
     pairs = zip(names, args, strict=True)

@@ -100,6 +100,9 @@ class TrainingResult(NamedTuple):
     diverged_step : int or None
         Step at which the loss was found to diverge (see :data:`DIVERGENCE_NOISE_MULTIPLE`); the parameters are
         then those of the best check interval seen.
+    interrupted_step : int or None
+        Step at which ``KeyboardInterrupt`` (Ctrl-C) stopped the loop: the steps completed by then are kept (and
+        the run is not ``converged``).
     """
 
     losses: np.ndarray
@@ -109,6 +112,7 @@ class TrainingResult(NamedTuple):
     message: str
     nonfinite_step: int | None
     diverged_step: int | None = None
+    interrupted_step: int | None = None
 
 
 def _schedule_factor(schedule: Schedule | Callable[[int], float], horizon: int) -> Callable[[int], float]:
@@ -188,6 +192,12 @@ def update(
         if not is_invalid_value_error(error):
             raise
         return state._replace(step=state.step + 1), INVALID_LOSS
+    if not loss.requires_grad:
+        raise ValueError(
+            "the loss does not depend on the parameters being trained (it has no gradient): the posterior may be flat "
+            "everywhere (improper priors that no observed data inform: give them proper priors), or the guide's "
+            "parameters do not enter its sample sites (check that the guide's pyro.sample statements use them)"
+        )
     loss.backward()
     if max_gradient_norm is not None:
         torch.nn.utils.clip_grad_norm_(state.parameters, max_gradient_norm)
@@ -238,6 +248,10 @@ def run(
     and restores the parameters of the last checkpoint whose losses were all finite; a diverging loss (see
     :data:`DIVERGENCE_NOISE_MULTIPLE`) stops it and restores the parameters of the best check interval.
 
+    ``KeyboardInterrupt`` (Ctrl-C) during the loop stops it cleanly, as PyMC's ``pm.fit`` does: the parameters of
+    the last completed step are kept (the last checkpoint's if a loss since then was not finite), the result is
+    not ``converged``, and its ``message`` and ``interrupted_step`` say where it stopped.
+
     Parameters
     ----------
     loss_function : callable
@@ -278,58 +292,72 @@ def run(
     bar = _progress_bar(progress, total)
     start = time.perf_counter()
     last_check, stage, stage_start = 0, 0, 0
-    while state.step < total:
-        averaging = averaging_from is not None and state.step >= averaging_from
-        state, loss = update(state, loss_function, average=averaging, max_gradient_norm=max_gradient_norm)
-        losses[state.step - 1] = loss
-        if state.step - last_check < check_interval and state.step < total and loss is not INVALID_LOSS:
-            continue
+    interrupted_step = None
+    try:
+        while state.step < total:
+            averaging = averaging_from is not None and state.step >= averaging_from
+            state, loss = update(state, loss_function, average=averaging, max_gradient_norm=max_gradient_norm)
+            losses[state.step - 1] = loss
+            if state.step - last_check < check_interval and state.step < total and loss is not INVALID_LOSS:
+                continue
+            recent = losses[last_check : state.step].cpu().numpy()
+            if bar is not None:
+                bar.update(state.step - last_check)
+                bar.set_postfix(elbo=f"{-recent.mean():.4g}")
+            if not np.isfinite(recent).all():
+                nonfinite_step = last_check + int(np.argmin(np.isfinite(recent)))
+                with torch.no_grad():
+                    for parameter, saved in zip(state.parameters, checkpoint, strict=True):
+                        parameter.copy_(saved)
+                message = f"the ELBO was not finite at step {nonfinite_step}; parameters restored to step {last_check}"
+                state = state._replace(average=None)
+                converged = False
+                break
+            median = float(np.median(recent))
+            if median > best_median + max(DIVERGENCE_MINIMUM_NATS, DIVERGENCE_NOISE_MULTIPLE * best_spread):
+                diverged_step = state.step
+                with torch.no_grad():
+                    for parameter, saved in zip(state.parameters, best, strict=True):
+                        parameter.copy_(saved)
+                message = (
+                    f"the ELBO diverged at step {diverged_step} (median {-median:.4g} against a best of "
+                    f"{-best_median:.4g}); parameters restored to the best interval"
+                )
+                state = state._replace(average=None)
+                converged = False
+                break
+            if median < best_median and recent.shape[0] > 1:
+                best_median, best_spread = median, float(recent.std(ddof=1))
+                for saved, parameter in zip(best, state.parameters, strict=True):
+                    saved.copy_(parameter.detach())
+            for saved, parameter in zip(checkpoint, state.parameters, strict=True):
+                saved.copy_(parameter.detach())
+            last_check = state.step
+            if averaging_from is not None or state.step - stage_start < rule.window:
+                continue
+            if is_stationary(losses[max(0, state.step - 2 * rule.window) : state.step].cpu().numpy(), rule):
+                if stage + 1 < len(STAGES):
+                    stage, stage_start = stage + 1, state.step
+                    for group in state.optimizer.param_groups:
+                        group["lr"] = learning_rate * STAGES[stage]
+                    if state.scheduler is not None:
+                        state.scheduler.base_lrs = [learning_rate * STAGES[stage]] * len(state.scheduler.base_lrs)
+                else:
+                    averaging_from = state.step
+                    total = min(total, state.step + averaging_steps)
+                    converged = True
+    except KeyboardInterrupt:
+        interrupted_step = state.step
         recent = losses[last_check : state.step].cpu().numpy()
-        if bar is not None:
-            bar.update(state.step - last_check)
-            bar.set_postfix(elbo=f"{-recent.mean():.4g}")
-        if not np.isfinite(recent).all():
-            nonfinite_step = last_check + int(np.argmin(np.isfinite(recent)))
+        if not (np.isfinite(recent).all() and all(bool(torch.isfinite(p).all()) for p in state.parameters)):
             with torch.no_grad():
                 for parameter, saved in zip(state.parameters, checkpoint, strict=True):
                     parameter.copy_(saved)
-            message = f"the ELBO was not finite at step {nonfinite_step}; parameters restored to step {last_check}"
-            state = state._replace(average=None)
-            converged = False
-            break
-        median = float(np.median(recent))
-        if median > best_median + max(DIVERGENCE_MINIMUM_NATS, DIVERGENCE_NOISE_MULTIPLE * best_spread):
-            diverged_step = state.step
-            with torch.no_grad():
-                for parameter, saved in zip(state.parameters, best, strict=True):
-                    parameter.copy_(saved)
-            message = (
-                f"the ELBO diverged at step {diverged_step} (median {-median:.4g} against a best of "
-                f"{-best_median:.4g}); parameters restored to the best interval"
-            )
-            state = state._replace(average=None)
-            converged = False
-            break
-        if median < best_median and recent.shape[0] > 1:
-            best_median, best_spread = median, float(recent.std(ddof=1))
-            for saved, parameter in zip(best, state.parameters, strict=True):
-                saved.copy_(parameter.detach())
-        for saved, parameter in zip(checkpoint, state.parameters, strict=True):
-            saved.copy_(parameter.detach())
-        last_check = state.step
-        if averaging_from is not None or state.step - stage_start < rule.window:
-            continue
-        if is_stationary(losses[max(0, state.step - 2 * rule.window) : state.step].cpu().numpy(), rule):
-            if stage + 1 < len(STAGES):
-                stage, stage_start = stage + 1, state.step
-                for group in state.optimizer.param_groups:
-                    group["lr"] = learning_rate * STAGES[stage]
-                if state.scheduler is not None:
-                    state.scheduler.base_lrs = [learning_rate * STAGES[stage]] * len(state.scheduler.base_lrs)
-            else:
-                averaging_from = state.step
-                total = min(total, state.step + averaging_steps)
-                converged = True
+            state = state._replace(step=last_check, average=None)
+        converged, nonfinite_step, diverged_step = False, None, None
+        message = (
+            f"interrupted (KeyboardInterrupt) at step {interrupted_step}; kept the parameters of step {state.step}"
+        )
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
@@ -346,5 +374,6 @@ def run(
             message = f"reached max_steps={rule.max_steps} before the ELBO became stationary"
     steps_taken = state.step if nonfinite_step is None else last_check
     return TrainingResult(
-        losses[:steps_taken].cpu().numpy(), steps_taken, converged, seconds, message, nonfinite_step, diverged_step
+        losses[:steps_taken].cpu().numpy(), steps_taken, converged, seconds, message, nonfinite_step, diverged_step,
+        interrupted_step,
     )

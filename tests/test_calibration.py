@@ -229,3 +229,42 @@ def test_linear_regression_meanfield_is_not_flagged():
     table = result.to_dataframe()
     assert (table["verdict"] == "symmetric").all(), table
     assert result.num_converged >= 990
+
+
+# -- options: one validation shared with ppvi.fit and ppvi.compare (ppvi.options) --------------------------------
+@pytest.mark.parametrize("function", [vsbc, sbc])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"learning_rate": 0.0}, "learning_rate must be a positive finite number, got 0.0"),
+        ({"learning_rate": -0.1}, "learning_rate must be a positive finite number"),
+        ({"learning_rate": math.nan}, "learning_rate must be a positive finite number"),
+        ({"num_particles": 0}, "num_particles must be an integer of at least 1, got 0"),
+        ({"num_particles": True}, "num_particles must be an integer"),
+        ({"num_particles": 2.5}, "num_particles must be an integer"),
+        ({"steps": 0}, "steps must be an integer of at least 1"),
+        ({"num_simulations": 1}, "num_simulations must be an integer of at least 2"),
+        ({"seed": -1}, "seed must lie in"),
+        ({"seed": "1"}, "seed must be an integer or None"),
+        ({"device": "tpu"}, "device"),
+        ({"observed": []}, "observed must name"),
+    ],
+)
+def test_bad_options_are_refused_before_any_simulation(function, options, message):
+    arguments = {"observed": "y", "num_simulations": 4, "steps": 20, "device": "cpu", **options}
+    with pytest.raises(ValueError, match=message):
+        function(normal_model, NUM_POINTS, **arguments)
+
+
+def test_sbc_refuses_bad_num_draws():
+    for num_draws in (0, True, 9.5):
+        with pytest.raises(ValueError, match="num_draws must be an integer"):
+            sbc(normal_model, NUM_POINTS, observed="y", num_simulations=4, steps=20, num_draws=num_draws)
+
+
+def test_options_of_numpy_types_are_accepted():
+    result = vsbc(
+        normal_model, NUM_POINTS, observed="y", num_simulations=np.int64(4), steps=np.int64(20),
+        num_particles=np.int32(2), learning_rate=np.float32(0.1), seed=np.int64(3), device="cpu",
+    )
+    assert result.num_simulations == 4

@@ -26,10 +26,10 @@ def _per_guide(table):
 
 
 @pytest.fixture(scope="module")
-def tables(shared):
+def tables(posteriordb_root):
     result = {}
     for name in POSTERIORS:
-        case = load_posterior(name, shared / "posteriordb")
+        case = load_posterior(name, posteriordb_root)
         table = ppvi.compare(case.model, *case.args, guides=("meanfield", "fullrank"), reference=case.reference_draws)
         result[name] = _per_guide(table)
     return result
@@ -54,8 +54,8 @@ def test_psis_corrected_means_beat_raw_meanfield_where_khat_is_below_07(tables, 
         assert summary.loc["meanfield", "khat"] >= 0.7
 
 
-def test_kidiq_table_reports_the_failure_in_reference_units(shared):
-    case = load_posterior("kidiq-kidscore_momiq", shared / "posteriordb")
+def test_kidiq_table_reports_the_failure_in_reference_units(posteriordb_root):
+    case = load_posterior("kidiq-kidscore_momiq", posteriordb_root)
     table = ppvi.compare(case.model, *case.args, guides=("meanfield", "fullrank"), reference=case.reference_draws)
     assert set(table.index.get_level_values("parameter")) == {"beta[0]", "beta[1]", "sigma"}
     assert table.loc[("meanfield", "beta[1]"), "sd_ratio"] < 0.5
@@ -92,3 +92,17 @@ def test_reference_with_unknown_components_is_rejected():
         ppvi.compare(model, guides=("laplace",), reference={"y": np.zeros((10,))})
     with pytest.raises(ValueError, match="guides is empty"):
         ppvi.compare(model, guides=())
+
+
+def test_compare_checks_its_options_and_every_guide_before_fitting():
+    from models import fake_gaussian
+
+    y = fake_gaussian.simulate(20).double()
+    with pytest.raises(ValueError, match="num_samples must be an integer of at least 1"):
+        ppvi.compare(fake_gaussian.model, y, guides="meanfield", num_samples=0)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['lerning_rate'\]"):
+        ppvi.compare(fake_gaussian.model, y, guides="meanfield", lerning_rate=0.1)
+    with pytest.raises(ValueError, match="unknown guide 'fulrank'"):
+        ppvi.compare(fake_gaussian.model, y, guides=("meanfield", "fulrank"))
+    with pytest.raises(ValueError, match="num_particles must be an integer of at least 1, got 0"):
+        ppvi.compare(fake_gaussian.model, y, num_particles=0)

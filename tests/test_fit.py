@@ -328,3 +328,66 @@ def test_explicit_particles_on_a_model_that_does_not_broadcast_say_how_to_fix_it
     model, y = _naive_mixture()
     with pytest.raises(ValueError, match=r"Vindex\(locs\)\[\.\.\., z\]"):
         ppvi.fit(model, y, guide="fullrank", num_particles=4)
+
+
+# -- reliability: shared option checks, the user's tensors and random state, draws -------------------------------
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"num_particles": True}, "num_particles must be an integer"),
+        ({"num_particles": 1.5}, "num_particles must be an integer"),
+        ({"learning_rate": math.nan}, "learning_rate must be a positive finite number"),
+        ({"learning_rate": 0}, "learning_rate must be a positive finite number"),
+        ({"steps": 2.5}, "steps must be an integer"),
+        ({"max_steps": 0}, "max_steps must be an integer of at least 1"),
+        ({"seed": 1.5}, "seed must be an integer or None"),
+        ({"seed": 2**40}, "seed must lie in"),
+        ({"subsample_size": 0}, "subsample_size must be an integer"),
+        ({"dtype": 3}, "dtype must be one of"),
+        ({"device": 3.0}, "device must be"),
+        ({"schedule": "linear"}, "unknown schedule 'linear'"),
+        ({"model_kwargs": [1]}, "model_kwargs must be a dict"),
+    ],
+)
+def test_shared_options_are_checked_before_any_work(options, message, fake_data):
+    with pytest.raises(ValueError, match=message):
+        ppvi.fit(fake_gaussian.model, fake_data, **options)
+
+
+def test_observed_tensor_with_requires_grad_is_left_alone(fake_data):
+    y = fake_data[:20].clone().requires_grad_(True)
+    fit = ppvi.fit(fake_gaussian.model, y, steps=50)
+    assert y.grad is None  # ppvi's gradients never reach the user's tensors
+    assert not fit.args[0].requires_grad and torch.equal(fit.args[0], y.detach())
+
+
+def _random_state():
+    state = pyro.util.get_rng_state()
+    return state["torch"].clone(), state["random"], tuple(np.asarray(part).tobytes() for part in state["numpy"])
+
+
+@pytest.mark.parametrize("guide", ["meanfield", "laplace"])
+def test_seeded_draws_summary_and_diagnosis_leave_the_global_random_state_alone(guide, fake_data):
+    fit = ppvi.fit(fake_gaussian.model, fake_data[:20], guide=guide, steps=50)
+    for call in (
+        lambda: fit.sample(10, seed=1),  # the first call builds the site shapes from a structure trace
+        lambda: fit.summary(num_samples=200),
+        lambda: fit.diagnose(num_samples=200),
+        lambda: fit.to_arviz(num_samples=50),
+    ):
+        before = _random_state()
+        call()
+        after = _random_state()
+        assert torch.equal(before[0], after[0]) and before[1:] == after[1:]
+
+
+def test_bad_num_samples_never_switches_the_fit_to_draw_by_draw(fake_data):
+    fit = ppvi.fit(fake_gaussian.model, fake_data[:20], steps=50)
+    for bad in (-3, 0, 2.5, True):
+        for call in (fit.log_weights, fit.diagnose, fit.sample):
+            with pytest.raises(ValueError, match="num_samples must be an integer of at least 1"):
+                call(bad)
+    with pytest.raises(ValueError, match="seed must be an integer or None"):
+        fit.sample(10, seed="1")
+    assert fit._vectorizable  # still one batched pair of traces for all draws
+    assert fit.log_weights(100).shape == (100,)

@@ -248,3 +248,11 @@ def test_accepts_keyword():
     assert not accepts_keyword(neither, "scale")
     assert accepts_keyword(model, "labels")
     assert not accepts_keyword(max, "key")  # a builtin whose signature inspect cannot read (it does take key=)
+
+
+def test_tensors_that_require_grad_are_detached():
+    y = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    args, kwargs = prepare_arguments(model, (y, None), {"labels": y}, CPU, torch.float64)
+    assert not args[0].requires_grad and not kwargs["labels"].requires_grad
+    args[0].sum()  # no graph back to y
+    assert y.grad is None and torch.equal(args[0], y.detach())

@@ -373,3 +373,27 @@ def test_run_rejects_invalid_schedule_and_learning_rate():
         run(lambda: (x**2).sum(), [x], learning_rate=0.1, steps=10, schedule="step", progress=False)
     with pytest.raises(ValueError, match="learning_rate must be positive"):
         run(lambda: (x**2).sum(), [x], learning_rate=-1.0, steps=10, progress=False)
+
+
+def test_a_loss_without_gradient_says_what_that_means():
+    parameter = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="does not depend on the parameters being trained"):
+        training.run(lambda: torch.tensor(1.0), [parameter], learning_rate=0.1, steps=5)
+
+
+def test_ctrl_c_at_a_fixed_number_of_steps_keeps_the_steps_taken():
+    parameter = torch.zeros(1, requires_grad=True)
+    calls = {"count": 0}
+
+    def loss():
+        calls["count"] += 1
+        if calls["count"] == 8:
+            raise KeyboardInterrupt
+        return ((parameter - 1.0) ** 2).sum()
+
+    try:
+        result = training.run(loss, [parameter], learning_rate=0.1, steps=100)
+    except KeyboardInterrupt:  # pragma: no cover - the failure this test is for must not end the session
+        pytest.fail("KeyboardInterrupt escaped training.run")
+    assert result.interrupted_step == 7 and result.steps == 7 and result.losses.shape == (7,)
+    assert not result.converged and "at step 7" in result.message

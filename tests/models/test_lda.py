@@ -293,3 +293,18 @@ def test_20news_perplexity_and_coherence_against_scikit_learn(shared):
     assert abs(rows["ppvi LDA"][1] / rows["scikit-learn LDA"][1] - 1) < 0.10
     assert coherence["ppvi LDA"] > 0.0
     assert coherence["ppvi ProdLDA"] > coherence["scikit-learn LDA"]
+
+
+def test_models_refuse_fractional_counts_instead_of_scoring_them():
+    import ppvi
+
+    counts, _, _ = lda.simulate(num_documents=12, vocabulary_size=6, num_topics=2, document_length=10)
+    fractional = torch.as_tensor(counts, dtype=torch.float64)
+    fractional[3, 2] += 0.5
+    with pytest.raises(ValueError, match=r"non-negative integer word counts, but entry \[3, 2\] is fractional"):
+        ppvi.fit(lda.model, fractional, 2, steps=5)
+    module = lda.ProdLDA(6, 2)
+    with pytest.raises(ValueError, match=r"entry \[3, 2\] is fractional.*raw counts"):
+        ppvi.fit(module.model, fractional, guide=module, steps=5)
+    with pytest.raises(ValueError, match="entry \\[3, 2\\] is fractional"):
+        lda.fit_lda(fractional.numpy(), 2, epochs=1)
