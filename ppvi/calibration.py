@@ -19,6 +19,7 @@ loss gives every replication its own gradient.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ import torch
 from pyro import poutine
 from torch.distributions import biject_to
 
+from ppvi.constrain import ConstrainMessenger
 from ppvi.convergence import StoppingRule, is_stationary
 from ppvi.fit import PRECONDITIONED_ADAM_EPSILON, _max_plate_nesting, _seeded, _structure_trace
 from ppvi.guides import DEFAULT_INIT_SCALE, MeanFieldGuide
@@ -504,6 +506,37 @@ class _Engine:
         shaped = z.reshape(*batch, *(1,) * self.max_plate_nesting, self.latent_dim)
         return {site["name"]: (site, value) for site, value in self.prototype._unpack_latent(shaped)}
 
+    def _constrained_run(self, z: torch.Tensor) -> tuple[poutine.Trace, ConstrainMessenger]:
+        """The model run on ``z`` of shape ``(S, M, D)``, each site constrained by the support of its own run."""
+        S, M = z.shape[0], z.shape[1]
+        messenger = ConstrainMessenger({name: value for name, (_, value) in self._unpack(z).items()}, (S, M))
+        particles = pyro.plate("_ppvi_particles", S, dim=-(self.max_plate_nesting + 2))
+        replications = pyro.plate("_ppvi_replications", M, dim=-(self.max_plate_nesting + 1))
+        with particles, replications, pyro.validation_enabled(False):
+            trace = poutine.trace(poutine.condition(messenger(self.model), data=self.data)).get_trace(*self.args)
+        return trace, messenger
+
+    @functools.cached_property
+    def dependent_sites(self) -> frozenset[str]:
+        """Sites whose support moves with the other sites' values (``beta ~ Uniform(0, 1 - alpha)``): their support
+        differs between two runs at different points. Their p-values and ranks come from constrained draws."""
+        like = next(iter(self.theta0.values()))
+        supports = []
+        for level in (-1.0, 1.0):
+            point = torch.full((1, self.M, self.latent_dim), level, dtype=like.dtype, device=like.device)
+            trace, _ = self._constrained_run(point)
+            supports.append({name: str(trace.nodes[name]["fn"].support) for name in self.theta0})
+        return frozenset(name for name in self.theta0 if supports[0][name] != supports[1][name])
+
+    def _draw_values(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Constrained values of guide draws ``z`` ``(S, M, D)``: each site by its prototype's transform, or, for
+        :attr:`dependent_sites`, by the support of its own run."""
+        values = {name: biject_to(site["fn"].support)(value) for name, (site, value) in self._unpack(z).items()}
+        if self.dependent_sites:
+            _, messenger = self._constrained_run(z)
+            values.update({name: messenger.values[name] for name in self.dependent_sites})
+        return values
+
     def _per_replication(self, log_prob: torch.Tensor, batch: tuple[int, ...]) -> torch.Tensor:
         mpn = self.max_plate_nesting
         if mpn and log_prob.dim() >= mpn:
@@ -516,24 +549,19 @@ class _Engine:
         S, A = z.shape[0], z.shape[1]
         batch = (S, A)
         data = self.data if replications is None else {name: value[replications] for name, value in self.data.items()}
-        values, total = {}, torch.zeros(batch, dtype=z.dtype, device=z.device)
-        for name, (site, unconstrained) in self._unpack(z).items():
-            transform = biject_to(site["fn"].support)
-            value = transform(unconstrained)
-            jacobian = transform.log_abs_det_jacobian(unconstrained, value)
-            event_dims = jacobian.dim() - (len(batch) + self.max_plate_nesting)
-            if event_dims > 0:
-                jacobian = jacobian.sum(dim=tuple(range(-event_dims, 0)))
-            total = total + self._per_replication(jacobian, batch)
-            values[name] = value
+        # Each site constrained by the support of its own run (ppvi.constrain: bounds that depend on other sites).
+        messenger = ConstrainMessenger(
+            {name: unconstrained for name, (_, unconstrained) in self._unpack(z).items()}, batch
+        )
         particles = pyro.plate("_ppvi_particles", S, dim=-(self.max_plate_nesting + 2))
         replications = pyro.plate("_ppvi_replications", A, dim=-(self.max_plate_nesting + 1))
         # Without argument validation: one replication's out-of-support value (a Newton trial step, an early Adam
         # step) must give that replication a non-finite log density, which is handled per replication, not an
         # exception that stops all M.
         with particles, replications, pyro.validation_enabled(False):
-            trace = poutine.trace(poutine.condition(self.model, data={**values, **data})).get_trace(*self.args)
+            trace = poutine.trace(poutine.condition(messenger(self.model), data=data)).get_trace(*self.args)
             trace.compute_log_prob()
+        total = messenger.log_abs_det_jacobian
         for site in trace.nodes.values():
             if site["type"] == "sample":
                 total = total + self._per_replication(site["log_prob"], batch)
@@ -754,7 +782,7 @@ class _Engine:
             transform = biject_to(site["fn"].support)
             theta0 = self.theta0[name]
             sign = _monotone_sign(transform)
-            if sign is not None and transform.domain.event_dim == 0:
+            if sign is not None and transform.domain.event_dim == 0 and name not in self.dependent_sites:
                 standardized = (transform.inv(theta0) - site_loc.reshape(theta0.shape)) / unpacked_sd[name][
                     1
                 ].reshape(theta0.shape)
@@ -763,8 +791,8 @@ class _Engine:
                 if draws is None:
                     epsilon = torch.randn(MONTE_CARLO_DRAWS, M, self.latent_dim)
                     z = loc + (scale * epsilon if guide == "meanfield" else (scale @ epsilon.unsqueeze(-1)).squeeze(-1))
-                    draws = self._unpack(z)
-                value = transform(draws[name][1]).reshape(MONTE_CARLO_DRAWS, *theta0.shape)
+                    draws = self._draw_values(z)
+                value = draws[name].reshape(MONTE_CARLO_DRAWS, *theta0.shape)
                 p = (value < theta0).double().mean(0)
             result[name] = p.double().cpu().numpy()
         return result
@@ -776,10 +804,9 @@ class _Engine:
             chunk = min(RANK_CHUNK, num_draws - first)
             epsilon = torch.randn(chunk, self.M, self.latent_dim)
             z = loc + (scale * epsilon if guide == "meanfield" else (scale @ epsilon.unsqueeze(-1)).squeeze(-1))
-            for name, (site, unconstrained) in self._unpack(z).items():
+            for name, value in self._draw_values(z).items():
                 theta0 = self.theta0[name]
-                value = biject_to(site["fn"].support)(unconstrained).reshape(chunk, *theta0.shape)
-                counts[name] += (value < theta0).sum(0)
+                counts[name] += (value.reshape(chunk, *theta0.shape) < theta0).sum(0)
         return {name: count.cpu().numpy() for name, count in counts.items()}
 
 

@@ -36,21 +36,22 @@ class ConstrainMessenger(Messenger):
         For each latent site, its unconstrained value: ``(*batch, *unconstrained_shape)`` with ``batch`` the
         draws' dimensions (none for one point, ``(S,) + (1,) * max_plate_nesting`` for ``S`` draws in a plate
         left of the model's), as :meth:`pyro.infer.autoguide.AutoContinuous._unpack_latent` splits them.
-    num_draws : int or None
-        ``S`` for a batch of draws (the first dimension of every value), ``None`` for one point.
+    batch_shape : tuple of int
+        The draws' leading dimensions in every value (``(S,)`` for ``S`` draws, ``(S, M)`` for draws of ``M``
+        replications, ``()`` for one point).
 
     Attributes
     ----------
     log_abs_det_jacobian : torch.Tensor
-        After the run: ``log|det J_T(z)|`` of every draw, shape ``(S,)`` (``()`` for one point).
+        After the run: ``log|det J_T(z)|`` of every draw, of shape ``batch_shape``.
     values : dict of str to torch.Tensor
         After the run: the constrained value of every site.
     """
 
-    def __init__(self, unconstrained: Mapping[str, torch.Tensor], num_draws: int | None = None):
+    def __init__(self, unconstrained: Mapping[str, torch.Tensor], batch_shape: tuple[int, ...] = ()):
         super().__init__()
         self.unconstrained = dict(unconstrained)
-        self.num_draws = num_draws
+        self.batch_shape = tuple(batch_shape)
         self.values: dict[str, torch.Tensor] = {}
         self.log_abs_det_jacobian: torch.Tensor | float = 0.0
 
@@ -63,7 +64,7 @@ class ConstrainMessenger(Messenger):
         value = transform(unconstrained)
         jacobian = transform.log_abs_det_jacobian(unconstrained, value)
         # Every dimension but the draws' (the leftmost of every value in a batch) belongs to the site.
-        per_draw = jacobian.reshape(self.num_draws, -1).sum(-1) if self.num_draws is not None else jacobian.sum()
+        per_draw = jacobian.reshape(*self.batch_shape, -1).sum(-1)
         self.log_abs_det_jacobian = self.log_abs_det_jacobian + per_draw
         self.values[name] = value
         msg["value"] = value
@@ -77,7 +78,7 @@ def constrained_trace(
     """Run ``model`` once on unconstrained values (a batch of ``num_draws`` in a plate left of the model's own
     ``max_plate_nesting`` plates, or one point) and return its trace and the messenger, which holds the constrained
     values and the log-Jacobian per draw."""
-    messenger = ConstrainMessenger(unconstrained, num_draws)
+    messenger = ConstrainMessenger(unconstrained, () if num_draws is None else (num_draws,))
     constrained = messenger(model)
     if num_draws is not None:
         constrained = pyro.plate("_ppvi_draws", num_draws, dim=-(max_plate_nesting + 1))(constrained)

@@ -30,6 +30,7 @@ from pyro.nn import PyroModule
 from torch.distributions import biject_to
 
 from ppvi import training
+from ppvi.constrain import ConstrainMessenger, constrained_trace
 from ppvi.convergence import StoppingRule
 from ppvi.diagnostics.diagnosis import Diagnosis, diagnose, resample
 from ppvi.guides import AUTO, GUIDES, GuideSpec, PreconditionedGuide, resolve_guide
@@ -239,29 +240,49 @@ class Fit:
         model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(*self.args, **self.kwargs)
         return guide_trace, model_trace
 
+    def _constrained_draws(self, num_draws: int | None):
+        """For ppvi's registry guides: ``z ~ q`` and the model run on it, each site constrained by the support of
+        its own run (:mod:`ppvi.constrain`). Returns the model trace and ``log q(z) - log|det J_T(z)|``, the
+        guide's log density of the constrained draws, per draw."""
+        posterior = self.guide.posterior()
+        latent = posterior.sample(() if num_draws is None else (num_draws,))
+        log_q = posterior.log_prob(latent)  # before any other draw: a flow reads its own draws from its cache
+        batch = () if num_draws is None else (num_draws,) + (1,) * self.max_plate_nesting
+        pieces = {site["name"]: value for site, value in self.guide._unpack_latent(latent.reshape(*batch, -1))}
+        trace, messenger = constrained_trace(
+            self.model, self.args, self.kwargs, pieces, num_draws, self.max_plate_nesting
+        )
+        return trace, log_q - messenger.log_abs_det_jacobian
+
     def _vectorized_draws(self, num_samples: int, shapes: dict, weights: bool):
-        with pyro.plate("_ppvi_draws", num_samples, dim=-(self.max_plate_nesting + 1)):
-            guide_trace, model_trace = self._pair_of_traces()
+        if isinstance(self.guide, PreconditionedGuide):
+            model_trace, guide_log_density = self._constrained_draws(num_samples)
+        else:
+            with pyro.plate("_ppvi_draws", num_samples, dim=-(self.max_plate_nesting + 1)):
+                guide_trace, model_trace = self._pair_of_traces()
+            guide_log_density = _per_draw_log_prob(guide_trace, self.max_plate_nesting, num_samples)
         draws = {
             name: model_trace.nodes[name]["value"].detach().reshape(num_samples, *shape)
             for name, shape in shapes.items()
         }
         if not weights:
             return draws, None
-        log_weights = _per_draw_log_prob(model_trace, self.max_plate_nesting, num_samples) - _per_draw_log_prob(
-            guide_trace, self.max_plate_nesting, num_samples
-        )
+        log_weights = _per_draw_log_prob(model_trace, self.max_plate_nesting, num_samples) - guide_log_density
         return draws, log_weights.double()
 
     def _sequential_draws(self, num_samples: int, shapes: dict, weights: bool):
         values: dict[str, list[torch.Tensor]] = {name: [] for name in shapes}
         log_weights = []
         for _ in range(num_samples):
-            guide_trace, model_trace = self._pair_of_traces()
+            if isinstance(self.guide, PreconditionedGuide):
+                model_trace, guide_log_density = self._constrained_draws(None)
+            else:
+                guide_trace, model_trace = self._pair_of_traces()
+                guide_log_density = guide_trace.log_prob_sum()
             for name, shape in shapes.items():
                 values[name].append(model_trace.nodes[name]["value"].detach().reshape(shape))
             if weights:
-                log_weights.append(model_trace.log_prob_sum().double() - guide_trace.log_prob_sum().double())
+                log_weights.append(model_trace.log_prob_sum().double() - guide_log_density.double())
         draws = {name: torch.stack(parts) for name, parts in values.items()}
         return draws, torch.stack(log_weights) if weights else None
 
@@ -606,16 +627,10 @@ def _marginal_log_density(
     batched = latent.dim() == 2
     num_draws = latent.shape[0] if batched else 1
     batch = (num_draws,) + (1,) * max_plate_nesting if batched else ()
-    values, log_determinant = {}, torch.zeros(batch[:1], dtype=latent.dtype, device=latent.device)
-    for site, unconstrained in guide._unpack_latent(latent.reshape(*batch, latent.shape[-1])):
-        transform = biject_to(site["fn"].support)
-        value = transform(unconstrained)
-        jacobian = transform.log_abs_det_jacobian(unconstrained, value)
-        # Every dimension but the draws' (the leftmost, present in every unpacked site) is the site's own.
-        log_determinant = log_determinant + (jacobian.reshape(num_draws, -1).sum(-1) if batched else jacobian.sum())
-        values[site["name"]] = value
-
-    conditioned = poutine.condition(model, data=values)
+    pieces = {site["name"]: value for site, value in guide._unpack_latent(latent.reshape(*batch, latent.shape[-1]))}
+    # Each site constrained by the support of this run (ppvi.constrain); the enumerated sites are left to poutine.enum.
+    messenger = ConstrainMessenger(pieces, batch[:1])
+    conditioned = messenger(model)
     if batched:
         conditioned = pyro.plate("_ppvi_draws", num_draws, dim=-(max_plate_nesting + 1))(conditioned)
     nesting = max_plate_nesting + int(batched)
@@ -667,7 +682,7 @@ def _marginal_log_density(
             )
         costs.append(packed.scale_and_mask(contracted, scale=scale_values.pop()))
 
-    total = log_determinant
+    total = messenger.log_abs_det_jacobian
     for cost in costs:
         # Sum every dimension but the draws' (an empty list would make torch.sum reduce them all).
         summed_dims = [dim for dim, symbol in enumerate(cost._pyro_dims) if not (batched and symbol == draws_symbol)]
@@ -1372,10 +1387,14 @@ def _point_mass_negative_log_density(
 
 
 def _laplace(model, guide: PreconditionedGuide, args, kwargs, point_elbo_class, max_plate_nesting: int):
-    """Laplace start: the point-mass ELBO of the guide is the unconstrained log density (enumeration included)."""
-    negative_log_density = _point_mass_negative_log_density(
-        model, guide, args, kwargs, point_elbo_class, max_plate_nesting
-    )
+    """Laplace start on the unconstrained log density, each site constrained by the support of its own run
+    (:mod:`ppvi.constrain`); with enumerated sites, the point-mass ELBO of the guide (TraceEnum_ELBO sums them out)."""
+    if point_elbo_class is TraceEnum_ELBO:
+        negative_log_density = _point_mass_negative_log_density(
+            model, guide, args, kwargs, point_elbo_class, max_plate_nesting
+        )
+    else:
+        negative_log_density = _negative_log_density(model, guide, args, kwargs, 1, max_plate_nesting)
     return laplace_start(negative_log_density, guide.preconditioner_loc)
 
 
@@ -1416,23 +1435,13 @@ def _negative_log_density(
     guide or running the ELBO's bookkeeping, which took a third of a small model's step.
     """
     # One particle runs the model unbatched, so models written for a single draw work too.
-    particles = (
-        pyro.plate("_ppvi_particles", num_particles, dim=-(max_plate_nesting + 1))
-        if num_particles > 1
-        else contextlib.nullcontext()
-    )
+    draws = num_particles if num_particles > 1 else None
     batch = (num_particles,) + (1,) * max_plate_nesting if num_particles > 1 else ()
 
     def negative_log_density(latent: torch.Tensor) -> torch.Tensor:
-        values, log_determinant = {}, 0.0
-        for site, unconstrained in guide._unpack_latent(latent.reshape(*batch, latent.shape[-1])):
-            transform = biject_to(site["fn"].support)
-            value = transform(unconstrained)
-            log_determinant = log_determinant + transform.log_abs_det_jacobian(unconstrained, value).sum()
-            values[site["name"]] = value
-        with particles:
-            trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
-        return -(trace.log_prob_sum() + log_determinant) / num_particles
+        pieces = {site["name"]: value for site, value in guide._unpack_latent(latent.reshape(*batch, latent.shape[-1]))}
+        trace, messenger = constrained_trace(model, args, kwargs, pieces, draws, max_plate_nesting)
+        return -(trace.log_prob_sum() + messenger.log_abs_det_jacobian.sum()) / num_particles
 
     return negative_log_density
 
