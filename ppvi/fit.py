@@ -1434,14 +1434,21 @@ def _negative_log_density(
     Pyro's ``Trace_ELBO`` on a point-mass guide (subsampling scales and masks included), without tracing the
     guide or running the ELBO's bookkeeping, which took a third of a small model's step.
     """
-    # One particle runs the model unbatched, so models written for a single draw work too.
-    draws = num_particles if num_particles > 1 else None
+    # One particle runs the model unbatched, so models written for a single draw work too. The plate is built once:
+    # building one per step cost a sixth of a small model's step.
+    particles = (
+        pyro.plate("_ppvi_particles", num_particles, dim=-(max_plate_nesting + 1))
+        if num_particles > 1
+        else contextlib.nullcontext()
+    )
     batch = (num_particles,) + (1,) * max_plate_nesting if num_particles > 1 else ()
 
     def negative_log_density(latent: torch.Tensor) -> torch.Tensor:
         pieces = {site["name"]: value for site, value in guide._unpack_latent(latent.reshape(*batch, latent.shape[-1]))}
-        trace, messenger = constrained_trace(model, args, kwargs, pieces, draws, max_plate_nesting)
-        return -(trace.log_prob_sum() + messenger.log_abs_det_jacobian.sum()) / num_particles
+        constrain = ConstrainMessenger(pieces, batch[:1])
+        with particles, constrain:
+            trace = poutine.trace(model).get_trace(*args, **kwargs)
+        return -(trace.log_prob_sum() + constrain.log_abs_det_jacobian.sum()) / num_particles
 
     return negative_log_density
 
