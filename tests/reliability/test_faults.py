@@ -10,20 +10,10 @@ import pytest
 import torch
 
 import ppvi
-from models import fake_gaussian
 from ppvi import training
 from ppvi.convergence import StoppingRule
 
-
-@pytest.fixture(scope="module")
-def y() -> torch.Tensor:
-    return fake_gaussian.simulate(20).double()
-
-
-def normal_normal(y):
-    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
-    with pyro.plate("data", y.shape[0]):
-        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+from .normal_model import normal_normal
 
 
 def _interrupt_at(monkeypatch, step: int) -> None:

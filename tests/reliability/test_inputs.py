@@ -12,21 +12,10 @@ import pytest
 import torch
 
 import ppvi
-from models import fake_gaussian
+
+from .normal_model import normal_normal
 
 STEPS = 60
-
-
-@pytest.fixture(scope="module")
-def y() -> torch.Tensor:
-    return fake_gaussian.simulate(20).double()
-
-
-def normal_normal(y):
-    """mu ~ N(0, 10), y_i ~ N(mu, 1): the posterior of mu is N(sum(y) / (n + 0.01), 1 / (n + 0.01))."""
-    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
-    with pyro.plate("data", y.shape[0]):
-        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
 
 
 def test_empty_data_says_it_is_empty_and_what_to_pass():
