@@ -11,13 +11,14 @@ from ppvi.diagnostics.diagnosis import Diagnosis
 from ppvi.fit import Expectation, Fit, FitWarning, GuideAttempt, NonFiniteELBOError, fit
 from ppvi.guides import GUIDES, GuideSpec
 from ppvi.plotting import plot_comparison
-from ppvi.serialization import load
+from ppvi.serialization import FitFileError, load
 
 __all__ = [
     "GUIDES",
     "Diagnosis",
     "Expectation",
     "Fit",
+    "FitFileError",
     "FitWarning",
     "GuideAttempt",
     "GuideSpec",

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import ppvi
+from ppvi import FitFileError
 from ppvi.guides import GuideSpec, MeanFieldGuide
-from ppvi.serialization import FitFileError
 
 #: Data points of the Normal-Normal model: enough for a posterior the prior does not dominate, few for speed.
 NUM_POINTS = 20
