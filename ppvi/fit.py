@@ -14,7 +14,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -46,6 +46,7 @@ from ppvi.inputs import (
     computation,
     explain_data_failure,
     prepare_arguments,
+    random_state_kept,
     resolve_device,
     resolve_dtype,
     threads_for,
@@ -337,7 +338,7 @@ class Fit:
     def site_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of one draw of every latent (and deterministic) site, in model order."""
         if not hasattr(self, "_site_shapes"):
-            with computation(self.device, self.dtype), _keeping_random_state():
+            with computation(self.device, self.dtype), random_state_kept():
                 reference = _structure_trace(self.model, self.args, self.kwargs)
             self._site_shapes = {
                 name: tuple(site["value"].shape) for name, site in reference.nodes.items() if _is_reported(site)
@@ -358,7 +359,7 @@ class Fit:
 
         draws = self.sample(num_samples, seed=seed)
         posterior = {name: value.double().cpu().numpy()[None] for name, value in draws.items()}
-        with computation(self.device, self.dtype), _keeping_random_state():
+        with computation(self.device, self.dtype), random_state_kept():
             reference = _structure_trace(self.model, self.args, self.kwargs)
         observed = {
             name: site["value"].detach().cpu().numpy()
@@ -380,7 +381,7 @@ class Fit:
         return self._draw(num_samples, seed, weights=True)
 
     def _enumerated(self) -> bool:
-        with computation(self.device, self.dtype), _keeping_random_state():
+        with computation(self.device, self.dtype), random_state_kept():
             structure = _structure_trace(self.model, self.args, self.kwargs)
         return any(site["type"] == "sample" and site["infer"].get("enumerate") for site in structure.nodes.values())
 
@@ -505,30 +506,14 @@ def _check_draws(num_samples: Any, seed: Any) -> tuple[int, int | None]:
 
 
 @contextlib.contextmanager
-def _keeping_random_state():
-    """Run a block (a structure trace, which may draw from the prior to find a feasible point) and put the global
-    random state (torch's, NumPy's, Python's) back as it was."""
-    state = pyro.util.get_rng_state()
-    try:
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Run a block with a fixed Pyro seed and restore the global random state afterwards (nothing, for ``None``)."""
+    if seed is None:
         yield
-    finally:
-        pyro.util.set_rng_state(state)
-
-
-class _seeded:
-    """Run a block with a fixed Pyro seed and restore the global random state afterwards."""
-
-    def __init__(self, seed: int | None):
-        self.seed = seed
-
-    def __enter__(self):
-        if self.seed is not None:
-            self.state = pyro.util.get_rng_state()
-            pyro.set_rng_seed(self.seed)
-
-    def __exit__(self, *exc):
-        if self.seed is not None:
-            pyro.util.set_rng_state(self.state)
+        return
+    with random_state_kept():
+        pyro.set_rng_seed(seed)
+        yield
 
 
 def _is_reported(site: dict) -> bool:
@@ -755,7 +740,7 @@ def _check_not_flat(
         model, guide, args, kwargs, point_elbo_class, max_plate_nesting
     )
     point = guide.preconditioner_loc.detach().clone().requires_grad_(True)
-    with torch.enable_grad(), _keeping_random_state():
+    with torch.enable_grad(), random_state_kept():
         try:
             value = negative_log_density(point)
         except (ValueError, RuntimeError, IndexError):
@@ -1135,8 +1120,7 @@ def _elbo_estimate(loss_function: Callable[[], torch.Tensor]) -> tuple[float, fl
     # The check observes the fit without changing it: the random state is restored afterwards, so training draws
     # what it would have drawn without the check. Gradients stay on: Pyro's TraceEnum_ELBO refuses to compute a
     # loss it cannot differentiate.
-    state = pyro.util.get_rng_state()
-    try:
+    with random_state_kept():
         for _ in range(ELBO_CHECK_EVALUATIONS):
             try:
                 values.append(-float(loss_function().detach()))
@@ -1144,8 +1128,6 @@ def _elbo_estimate(loss_function: Callable[[], torch.Tensor]) -> tuple[float, fl
                 if not training.is_invalid_value_error(error):
                     raise
                 values.append(math.nan)
-    finally:
-        pyro.util.set_rng_state(state)
     estimates = np.asarray(values)
     if not np.isfinite(estimates).all():
         return -math.inf, math.inf

@@ -69,6 +69,18 @@ def threads_for(args: tuple, kwargs: dict, device: torch.device) -> int | None:
     return 1 if largest < SINGLE_THREAD_BELOW else None
 
 
+
+@contextlib.contextmanager
+def random_state_kept() -> Iterator[None]:
+    """Run a block and put the global random state (torch's, NumPy's, Python's, as Pyro keeps them) back as it was:
+    for work that observes a fit (a structure trace drawing from the prior, an ELBO check, seeded draws) without
+    changing what the user's own random calls see next."""
+    state = pyro.util.get_rng_state()
+    try:
+        yield
+    finally:
+        pyro.util.set_rng_state(state)
+
 @contextlib.contextmanager
 def computation(device: torch.device, dtype: torch.dtype, threads: int | None = None) -> Iterator[None]:
     """Make ``device`` and ``dtype`` torch's defaults inside the block, restoring the user's afterwards.

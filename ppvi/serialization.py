@@ -47,6 +47,8 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from ppvi.inputs import random_state_kept
+
 #: Written into every file; bumped when the layout changes.
 FORMAT = "ppvi-fit"
 #: Version 2 adds the record of what the fit belongs to (latent sites, data fingerprint, ppvi version).
@@ -167,7 +169,7 @@ def latent_sites(model: Callable, args: tuple, kwargs: dict) -> list[dict[str, A
     """
     from ppvi.fit import _structure_trace
 
-    with _random_state_kept():
+    with random_state_kept():
         trace = _structure_trace(model, args, kwargs)
     return [
         {"name": name, "shape": _full_shape(site), "constraint": _describe_constraint(site["fn"].support)}
@@ -191,15 +193,6 @@ def _full_shape(site: dict) -> list[int]:
 
 def _describe_constraint(support: Any) -> str:
     return re.sub(r", (device|dtype)=[^,)]*", "", str(support))
-
-
-@contextlib.contextmanager
-def _random_state_kept():
-    state = pyro.util.get_rng_state()
-    try:
-        yield
-    finally:
-        pyro.util.set_rng_state(state)
 
 
 def _qualified_name(value: Any) -> str:
@@ -566,7 +559,7 @@ def load(
         guide_object = GUIDES[name].factory(model, **state["guide_options"]) if name else guide
         if isinstance(guide_object, torch.nn.Module):
             guide_object.to(device=resolved_device)
-        with _random_state_kept(), poutine.block(), torch.no_grad():
+        with random_state_kept(), poutine.block(), torch.no_grad():
             guide_object(*args, **kwargs)
         try:
             _restore(guide_object, state, resolved_device)
@@ -576,7 +569,7 @@ def load(
                 f"{saved_class}): {_first_sentence(error)}. Load it with the model, data, guide and guide options "
                 "the fit was made with."
             ) from None
-        with _random_state_kept():
+        with random_state_kept():
             structure = _structure_trace(model, args, kwargs)
     message = "; ".join([str(state["message"]), *notes]) if notes else str(state["message"])
     elbo = state["elbo"].detach().to(device="cpu", dtype=torch.float64).numpy()
