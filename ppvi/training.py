@@ -172,6 +172,7 @@ def update(
     loss_function: Callable[[], torch.Tensor],
     average: bool = False,
     max_gradient_norm: float | None = None,
+    step_function: Callable[[float], torch.Tensor] | None = None,
 ):
     """Take one Adam step on ``loss_function``; with ``average``, fold the new iterate into the Polyak average.
 
@@ -179,12 +180,21 @@ def update(
     clipping, Pascanu, Mikolov & Bengio 2013): one heavy-tailed Monte Carlo gradient then cannot throw a flow's
     network far from where it was.
 
+    With ``step_function`` (a :class:`ppvi.engine.TracedStep`: loss, gradient, clipping and Adam as one traced
+    graph, updating the parameters in place), the step is that function's at the optimizer's current learning
+    rate, and ``loss_function`` and ``max_gradient_norm`` are not used: the traced step carries both.
+
     Returns
     -------
     (TrainingState, torch.Tensor)
         The new state and the (detached) loss before the step; NaN (and no step) when validation rejected a
         value (:func:`is_invalid_value_error`).
     """
+    if step_function is not None:
+        loss = step_function(state.optimizer.param_groups[0]["lr"])
+        if state.scheduler is not None:
+            state.scheduler.step()
+        return _averaged(state, average), loss
     state.optimizer.zero_grad(set_to_none=True)
     try:
         loss = loss_function()
@@ -204,6 +214,11 @@ def update(
     state.optimizer.step()
     if state.scheduler is not None:
         state.scheduler.step()
+    return _averaged(state, average), loss.detach()
+
+
+def _averaged(state: TrainingState, average: bool) -> TrainingState:
+    """The state one step on, with the new iterate folded into the Polyak average when ``average``."""
     running, count = state.average, state.averaged_steps
     if average:
         with torch.no_grad():
@@ -212,7 +227,7 @@ def update(
             else:
                 count += 1
                 torch._foreach_lerp_(list(running), [p.detach() for p in state.parameters], 1.0 / count)
-    return state._replace(step=state.step + 1, average=running, averaged_steps=count), loss.detach()
+    return state._replace(step=state.step + 1, average=running, averaged_steps=count)
 
 
 def _progress_bar(enabled: bool | None, total: int):
@@ -237,6 +252,7 @@ def run(
     progress: bool | None = None,
     epsilon: float = 1e-8,
     max_gradient_norm: float | None = None,
+    step_function: Callable[[float], torch.Tensor] | None = None,
 ) -> TrainingResult:
     """Minimise ``loss_function`` with Adam until the stopping rule holds (or for exactly ``steps`` steps).
 
@@ -274,6 +290,9 @@ def run(
         Adam's epsilon (see :func:`init`).
     max_gradient_norm : float, optional
         Clip each step's gradient to this norm (see :func:`update`).
+    step_function : callable, optional
+        The whole step as one traced graph (:func:`ppvi.engine.trace_step`), used instead of ``loss_function``'s
+        Pyro trace, backward pass and optimizer at every step (see :func:`update`).
     """
     rule = rule or StoppingRule()
     if steps is not None and (not isinstance(steps, numbers.Integral) or steps < 1):
@@ -296,7 +315,10 @@ def run(
     try:
         while state.step < total:
             averaging = averaging_from is not None and state.step >= averaging_from
-            state, loss = update(state, loss_function, average=averaging, max_gradient_norm=max_gradient_norm)
+            state, loss = update(
+                state, loss_function, average=averaging, max_gradient_norm=max_gradient_norm,
+                step_function=step_function,
+            )
             losses[state.step - 1] = loss
             if state.step - last_check < check_interval and state.step < total and loss is not INVALID_LOSS:
                 continue
