@@ -66,7 +66,9 @@ def ppvi_loop(guide: str, batched, count: int, device: str) -> float:
         )
         draws = fit.sample(LOOP_DRAWS, seed=m)
         for name in ("mu", "tau", "theta_trans"):
-            (draws[name] < torch.as_tensor(batched.theta0[name][m])).double().mean(0)
+            # The draws are on the fit's device; the simulated truth came back as numpy (the CPU).
+            truth = torch.as_tensor(batched.theta0[name][m], device=draws[name].device, dtype=draws[name].dtype)
+            (draws[name] < truth).double().mean(0)
     return time.perf_counter() - start
 
 
