@@ -8,9 +8,10 @@ from ppvi.calibration import SBCResult, VSBCResult, sbc, vsbc
 from ppvi.compare import compare
 from ppvi.convergence import StoppingRule
 from ppvi.diagnostics.diagnosis import Diagnosis
-from ppvi.fit import Expectation, Fit, FitWarning, GuideAttempt, NonFiniteELBOError, fit
+from ppvi.fit import fit
 from ppvi.guides import GUIDES, GuideSpec
 from ppvi.plotting import plot_comparison
+from ppvi.result import Expectation, Fit, FitWarning, GuideAttempt, NonFiniteELBOError
 from ppvi.serialization import FitFileError, load
 
 __all__ = [

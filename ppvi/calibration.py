@@ -35,11 +35,14 @@ from torch.distributions import biject_to
 
 from ppvi.constrain import ConstrainMessenger
 from ppvi.convergence import StoppingRule, is_stationary
-from ppvi.fit import PRECONDITIONED_ADAM_EPSILON, _max_plate_nesting, _seeded, _structure_trace
+from ppvi.fit import PRECONDITIONED_ADAM_EPSILON
 from ppvi.guides import DEFAULT_INIT_SCALE, MeanFieldGuide
 from ppvi.inputs import computation, prepare_arguments, resolve_device, resolve_dtype
 from ppvi.options import OptionTypeError, check_model, validate
 from ppvi.summary import component_names
+from ppvi.tracing import max_plate_nesting_of as _max_plate_nesting
+from ppvi.tracing import seeded as _seeded
+from ppvi.tracing import structure_trace as _structure_trace
 
 #: Significance level of the KS test behind the verdict: strict, because a VSBC table tests many components at
 #: once and Yao et al. (2018) use the KS p-value as a screening statistic, not a single confirmatory test.

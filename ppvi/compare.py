@@ -16,8 +16,10 @@ import pandas as pd
 import torch
 
 from ppvi.diagnostics.diagnosis import diagnose
-from ppvi.fit import AUTO, Fit, check_fit_options, fit
+from ppvi.fit import check_fit_options, fit
+from ppvi.guides import AUTO
 from ppvi.options import OptionTypeError, validate
+from ppvi.result import Fit
 from ppvi.summary import component_names, flatten_draws
 
 Reference = Mapping[str, np.ndarray | torch.Tensor | tuple]
@@ -45,11 +47,10 @@ def _guide_rows(label: str, result: Fit, num_samples: int, seed: int) -> list[di
     if result.guide_name == "map":  # a point mass has no density, hence no importance weights
         draws = result.sample(num_samples, seed=seed)
     else:
-        draws, log_weights = result._weighted_draws(num_samples, seed)
+        draws, log_weights = result.weighted_draws(num_samples, seed)
         diagnosis, smoothed = diagnose(log_weights, draws)
         weights = smoothed.exp().cpu().numpy()
     columns = flatten_draws(draws)
-    final_elbo = float(np.mean(result.elbo[-max(1, result.elbo.size // 10) :])) if result.elbo.size else np.nan
     rows = []
     for parameter, column in columns.items():
         row = {
@@ -58,7 +59,7 @@ def _guide_rows(label: str, result: Fit, num_samples: int, seed: int) -> list[di
             "mean": column.mean(),
             "sd": column.std(ddof=1),
             "corrected_mean": float((weights * column).sum()) if weights is not None else np.nan,
-            "elbo": final_elbo,
+            "elbo": result.final_elbo,
             "khat": diagnosis.khat if diagnosis else np.nan,
             "effective_sample_size": diagnosis.effective_sample_size if diagnosis else np.nan,
             "seconds": result.seconds,
@@ -112,8 +113,8 @@ def compare(
     -------
     pandas.DataFrame
         One row per (guide, parameter component), indexed by both, with columns ``mean``, ``sd``,
-        ``corrected_mean`` (PSIS-corrected), ``elbo`` (mean of the last tenth of the trace), ``khat``,
-        ``effective_sample_size``, ``seconds``, ``steps``, ``converged``; with a reference also
+        ``corrected_mean`` (PSIS-corrected), ``elbo`` (:attr:`ppvi.Fit.final_elbo`, the mean of the last tenth of
+        the trace), ``khat``, ``effective_sample_size``, ``seconds``, ``steps``, ``converged``; with a reference also
         ``reference_mean``, ``reference_sd``, ``mean_error`` and ``corrected_mean_error`` (absolute, in reference
         sds) and ``sd_ratio`` (``sd / reference_sd``).
     """

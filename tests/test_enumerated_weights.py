@@ -4,7 +4,6 @@ likelihood written out with scipy."""
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import numpy as np
@@ -17,9 +16,8 @@ from pyro.ops.indexing import Vindex
 from scipy import special, stats
 
 import ppvi
-
-# ``ppvi.fit`` is the function; the module holds the private helpers under test.
-fit_module = importlib.import_module("ppvi.fit")
+from ppvi import enumeration
+from ppvi.inputs import computation
 
 #: Relative agreement demanded of two float64 evaluations of the same log density (sums in another order).
 RELATIVE_TOLERANCE = 1e-8
@@ -96,7 +94,7 @@ def test_vectorized_marginal_log_density_equals_trace_enum_and_scipy(variant):
     mask = (torch.arange(NUM_POINTS) % 3 != 0) if subsample else None
     fit = _laplace_fit(_mixture, y, mask=mask, subsample=subsample)
     latent = _points_around_the_fit(fit, 30)
-    vectorized = fit_module._batched_marginal_log_density(
+    vectorized = enumeration.batched_marginal_log_density(
         fit.model, fit.guide, fit.args, fit.kwargs, latent, fit.max_plate_nesting
     )
     loop = _trace_enum_loop(fit, latent)
@@ -113,7 +111,7 @@ def test_log_weights_equal_the_draw_by_draw_ones_and_the_exact_density_minus_the
     fit = _laplace_fit(_mixture, y)
     num_samples = 100
     # 2000 log-probability entries a pass: about a dozen draws of this model, so the draws span several passes.
-    monkeypatch.setattr(fit_module, "_MARGINAL_PASS_ENTRIES", 2000)
+    monkeypatch.setattr(enumeration, "MARGINAL_PASS_ENTRIES", 2000)
     vectorized = fit.log_weights(num_samples, seed=1)
     assert fit._vectorizable
     fit._vectorizable = False  # force the one-draw-at-a-time path on the same draws
@@ -140,8 +138,8 @@ def test_lecture_mixture_diagnoses_thousands_of_draws_in_one_pass():
     assert 0 < diagnosis.effective_sample_size <= 2000
     # LKJ, stick-breaking and softplus Jacobians, in a 2-D mixture: the same numbers as TraceEnum_ELBO per draw.
     latent = _points_around_the_fit(fit, 5)
-    with fit_module.computation(fit.device, fit.dtype), torch.no_grad():
-        vectorized = fit_module._batched_marginal_log_density(
+    with computation(fit.device, fit.dtype), torch.no_grad():
+        vectorized = enumeration.batched_marginal_log_density(
             fit.model, fit.guide, fit.args, fit.kwargs, latent, fit.max_plate_nesting
         )
     np.testing.assert_allclose(vectorized.numpy(), _trace_enum_loop(fit, latent).numpy(), rtol=RELATIVE_TOLERANCE)
@@ -175,7 +173,7 @@ def test_models_not_written_for_a_batch_of_draws_fall_back_to_one_draw_at_a_time
     fit = _laplace_fit(model, y)
     latent = _points_around_the_fit(fit, 4)
     with pytest.raises((ValueError, RuntimeError, IndexError)):
-        fit_module._batched_marginal_log_density(fit.model, fit.guide, fit.args, fit.kwargs, latent, 0)
+        enumeration.batched_marginal_log_density(fit.model, fit.guide, fit.args, fit.kwargs, latent, 0)
     log_weights = fit.log_weights(20, seed=2)
     assert not fit._vectorizable
     pyro.set_rng_seed(2)

@@ -18,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ppvi
-from ppvi.serialization import _plain_data_problem, data_fingerprint
+from ppvi.saving import plain_data_problem
+from ppvi.serialization import data_fingerprint
 
 #: Few examples and no example database (nothing written into the repository): each example fits a model.
 PROPERTY_SETTINGS = settings(max_examples=10, deadline=None, database=None)
@@ -135,7 +136,7 @@ plain = st.recursive(
 @PROPERTY_SETTINGS
 @given(value=plain)
 def test_plain_options_are_saved_and_read_back_without_pickle(value):
-    assert _plain_data_problem(value) is None
+    assert plain_data_problem(value) is None
     buffer = io.BytesIO()
     torch.save({"option": value}, buffer)
     buffer.seek(0)
@@ -148,4 +149,4 @@ def test_a_function_anywhere_in_an_option_is_found(value, depth):
     nested = math.sqrt
     for level in range(depth):
         nested = [value, nested] if level % 2 else {"key": nested}
-    assert "a function (sqrt)" in _plain_data_problem(nested)
+    assert "a function (sqrt)" in plain_data_problem(nested)
