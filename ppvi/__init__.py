@@ -3,7 +3,8 @@
 ``ppvi.fit(model, *data, guide="meanfield")`` fits; the result samples, summarises, saves, converts to ArviZ.
 """
 
-from ppvi import amortized, data, diagnostics, options
+from ppvi import amortized, data, diagnostics, engine, options
+from ppvi._version import __version__
 from ppvi.calibration import SBCResult, VSBCResult, sbc, vsbc
 from ppvi.compare import compare
 from ppvi.convergence import StoppingRule
@@ -27,10 +28,12 @@ __all__ = [
     "SBCResult",
     "StoppingRule",
     "VSBCResult",
+    "__version__",
     "amortized",
     "compare",
     "data",
     "diagnostics",
+    "engine",
     "fit",
     "load",
     "options",

@@ -45,6 +45,7 @@ __all__ = [
     "TracedStep",
     "adam_init",
     "adam_update",
+    "keep_replications",
     "trace_step",
 ]
 
@@ -153,6 +154,15 @@ def adam_update(
         correction2_sqrt, epsilon,
     )
     return tuple(new_parameters), AdamState(step, tuple(first), tuple(second))
+
+
+def keep_replications(state: AdamState, keep: torch.Tensor) -> AdamState:
+    """Adam's state for the replications (rows of the leading dimension) selected by the boolean mask ``keep``:
+    a batched run drops replications, their moments with them, when they stop training."""
+    return AdamState(
+        state.step, tuple(moment[keep] for moment in state.first_moment),
+        tuple(moment[keep] for moment in state.second_moment),
+    )
 
 
 # -- tracing a whole step ------------------------------------------------------------------------------------------
@@ -349,7 +359,7 @@ def trace_step(
     except NotTraceableError:
         raise
     except Exception as error:  # the tracer's own refusals: data-dependent control flow, unsupported operations
-        raise NotTraceableError(f"the loss does not trace into one graph ({type(error).__name__}: {error})") from error
+        raise NotTraceableError(_tracing_failure(error)) from error
     finally:  # tracing made draws of its own: put the stream back so that training starts where Pyro's would
         torch.random.set_rng_state(state)
         if cuda_state is not None:
@@ -359,6 +369,18 @@ def trace_step(
     if compile:
         function = _inductor_compile(graph, example, draws)
     return TracedStep(function, parameters, draws, epsilon, "compiled" if compile else "traced")
+
+
+def _tracing_failure(error: Exception) -> str:
+    """Why tracing failed, in one line."""
+    text = str(error)
+    if "_local_scalar_dense" in text or "data-dependent" in text:
+        return (
+            "the model reads a sampled value on the host (control flow such as `if x > 0`, `float(x)` or "
+            "`x.item()`), which one traced graph cannot follow"
+        )
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"the loss does not trace into one graph ({type(error).__name__}: {first})"
 
 
 def _inductor_compile(graph: torch.fx.GraphModule, example: tuple, draws: list[_RandomInput]) -> Callable:

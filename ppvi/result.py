@@ -147,6 +147,10 @@ class Fit:
         The model's own ``pyro.param`` values, trained with the guide's parameters (empty for a model without any).
     final_elbo : float
         The ELBO at the end of training: the mean of the last tenth of ``elbo`` (NaN when it is empty).
+    engine : str
+        Which training path ran (:mod:`ppvi.engine`): ``"traced"`` (one traced graph of the whole step),
+        ``"compiled"`` (that graph compiled by TorchInductor) or ``"pyro"`` (Pyro's tracing at every step, for
+        models and guides that do not trace; ``message`` says why when ``engine="auto"`` fell back).
     """
 
     def __init__(
@@ -169,6 +173,7 @@ class Fit:
         max_plate_nesting: int,
         history: list[GuideAttempt] | None = None,
         interrupted: bool = False,
+        engine: str = "pyro",
     ):
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.guide_name, self.guide_options = guide_name, guide_options
@@ -178,6 +183,7 @@ class Fit:
         self.max_plate_nesting = max_plate_nesting
         self.history = list(history or [])
         self.interrupted = interrupted
+        self.engine = engine
         self._vectorizable = True
 
     @property
@@ -205,6 +211,12 @@ class Fit:
             f"Fit(guide={name!r}, steps={self.steps}, converged={self.converged}, final ELBO={final}, "
             f"seconds={self.seconds:.3g}, device={self.device}{laplace})"
         )
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the fit's fields and a posterior summary of 1,000 draws (:func:`ppvi.html.fit_html`)."""
+        from ppvi.html import fit_html
+
+        return fit_html(self)
 
     @property
     def laplace_failure(self) -> str | None:
@@ -353,10 +365,39 @@ class Fit:
         return summarize(self.sample(num_samples, seed=seed, corrected=corrected))
 
     def to_arviz(self, num_samples: int = SUMMARY_DRAWS, seed: int = 0):
-        """The draws as an ``arviz.InferenceData`` (one chain), with the observed data when the model has any."""
+        """The draws as an ``arviz.InferenceData`` (one chain), with their importance weights and the observed data.
+
+        The ``posterior`` group holds ``num_samples`` guide draws (those of ``fit.sample(num_samples, seed=seed)``),
+        ``observed_data`` the model's observed sites. ``sample_stats`` holds ``log_weight``, the log importance ratio
+        ``log p(x, theta_s) - log q(theta_s)`` of the same draws (:meth:`log_weights`, not negated; shape
+        ``(chain=1, draw)``), for ``arviz.psislw`` and ArviZ's plots, and in its attributes ``khat`` (PSIS k-hat of
+        those weights, as :meth:`diagnose` gives it for the same ``num_samples`` and ``seed``) and
+        ``khat_threshold``. A fit without weights (a point-mass ``"map"`` guide has no density) has no
+        ``sample_stats`` group (ArviZ keeps no empty group); the ``posterior`` group's attribute
+        ``log_weight_missing`` says why.
+        """
         import arviz as az
 
-        draws = self.sample(num_samples, seed=seed)
+        from ppvi.diagnostics.psis import MINIMUM_TAIL_LENGTH, khat_threshold, psis, tail_length
+
+        num_samples, seed = _check_draws(num_samples, seed)
+        draws, log_weights, missing = None, None, ""
+        if self.guide_name == "map":
+            missing = "a point-mass (MAP) guide has no density, so its draws have no importance weights"
+        else:
+            try:
+                draws, log_weights = self.weighted_draws(num_samples, seed)
+            except ValueError as error:  # enumerated sites with a guide that is not ppvi's
+                missing = str(error)
+        if draws is None or list(draws) != list(self.site_shapes()):
+            # Enumerated models' weighted draws lack the deterministic sites: the same seed gives the same latent
+            # draws to sample(), which has every site.
+            sampled = self.sample(num_samples, seed=seed)
+            if draws is not None and not all(
+                torch.allclose(value, sampled[name], rtol=1e-5, atol=1e-8) for name, value in draws.items()
+            ):
+                log_weights, missing = None, "the weighted draws and the posterior draws differ"
+            draws = sampled
         posterior = {name: value.double().cpu().numpy()[None] for name, value in draws.items()}
         with computation(self.device, self.dtype), random_state_kept():
             reference = structure_trace(self.model, self.args, self.kwargs)
@@ -365,7 +406,18 @@ class Fit:
             for name, site in reference.nodes.items()
             if site["type"] == "sample" and site["is_observed"] and isinstance(site["value"], torch.Tensor)
         }
-        return az.from_dict(posterior=posterior, observed_data=observed or None)
+        sample_stats = None if log_weights is None else {"log_weight": log_weights.double().cpu().numpy()[None]}
+        data = az.from_dict(posterior=posterior, sample_stats=sample_stats, observed_data=observed or None)
+        if log_weights is None:  # ArviZ drops an empty group: the posterior's attributes say why it is absent
+            data.posterior.attrs["log_weight_missing"] = missing
+            return data
+        attributes = {"log_weight_definition": "log p(x, theta) - log q(theta) of the posterior draws (not negated)"}
+        if tail_length(num_samples) >= MINIMUM_TAIL_LENGTH:
+            attributes.update(khat=float(psis(log_weights)[1]), khat_threshold=khat_threshold(num_samples))
+        else:
+            attributes.update(khat=math.inf, khat_missing=f"{num_samples} draws are too few for a Pareto fit")
+        data.sample_stats.attrs.update(attributes)
+        return data
 
     # -- diagnostics --------------------------------------------------------------------------------------------
     def weighted_draws(

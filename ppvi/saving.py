@@ -262,6 +262,7 @@ def save_fit(fit, path: str | os.PathLike) -> None:
         "seconds": float(fit.seconds),
         "converged": bool(fit.converged),
         "message": str(fit.message),
+        "engine": str(fit.engine),
         "dtype": str(fit.dtype).removeprefix("torch."),
         "latent_sites": sites,
         "data_fingerprint": data_fingerprint(fit.args, fit.kwargs),

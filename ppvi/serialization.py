@@ -339,6 +339,7 @@ def load(
         elbo=np.asarray(elbo, dtype=np.float64), steps=int(state["steps"]), seconds=float(state["seconds"]),
         device=resolved_device, dtype=dtype, converged=bool(state["converged"]), laplace=None,
         message=message, max_plate_nesting=max_plate_nesting_of(structure),
+        engine=str(state.get("engine", "pyro")),  # files written before the engines existed trained through Pyro
     )
 
 

@@ -245,10 +245,24 @@ def test_nonfinite_elbo_stops_and_keeps_the_last_finite_parameters(fake_data):
         with pyro.plate("data", y.shape[0]):
             pyro.sample("y", dist.Normal(mu + poison, sd), obs=y)
 
+    # engine="pyro": the poison comes from Python state that changes between calls, which the Pyro path re-runs
+    # at every step and a traced step (which runs the model's Python once) cannot see; see the next test.
     with pytest.raises(ppvi.NonFiniteELBOError, match=r"not finite at step \d+") as error:
-        ppvi.fit(model, fake_data, guide="meanfield", initialization="prior", steps=1000)
+        ppvi.fit(model, fake_data, guide="meanfield", initialization="prior", steps=1000, engine="pyro")
     partial = error.value.fit
     assert 0 < partial.steps < 1000 and np.isfinite(partial.elbo).all()
+    assert all(torch.isfinite(p).all() for p in partial.guide.parameters())
+
+
+def test_traced_step_that_turns_nonfinite_stops_and_keeps_the_last_finite_parameters(fake_data):
+    """A NaN computed inside the traced graph (an absurd learning rate overflows the scale) is caught as Pyro's."""
+    with pytest.raises(ppvi.NonFiniteELBOError, match=r"not finite at step \d+") as error:
+        ppvi.fit(
+            fake_gaussian.model, fake_data, guide="meanfield", initialization="prior", steps=1000,
+            learning_rate=1e6, engine="traced",
+        )
+    partial = error.value.fit
+    assert partial.engine == "traced" and partial.steps < 1000
     assert all(torch.isfinite(p).all() for p in partial.guide.parameters())
 
 
