@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -33,10 +33,13 @@ import torch
 from pyro import poutine
 from torch.distributions import biject_to
 
+from ppvi import engine as engines
+from ppvi import training
 from ppvi.constrain import ConstrainMessenger
 from ppvi.convergence import StoppingRule, is_stationary
 from ppvi.fit import PRECONDITIONED_ADAM_EPSILON
 from ppvi.guides import DEFAULT_INIT_SCALE, MeanFieldGuide
+from ppvi.initialization import batched_laplace_start
 from ppvi.inputs import computation, prepare_arguments, resolve_device, resolve_dtype
 from ppvi.options import OptionTypeError, check_model, validate
 from ppvi.summary import component_names
@@ -54,20 +57,12 @@ ALPHA = 0.001
 DEFAULT_LEARNING_RATE = 0.1
 #: Cap on optimisation steps when ``steps`` is not given.
 DEFAULT_MAX_STEPS = 5000
-#: Learning-rate factor after a replication's first stationary point (the second stage of ppvi.training.STAGES).
-SECOND_STAGE_FACTOR = 0.2
 #: Guide draws per batch when counting SBC ranks (bounds memory at RANK_CHUNK x M x D values).
 RANK_CHUNK = 100
 #: Probability of the simultaneous ECDF band behind SBC's verdicts and plots.
 BAND_PROBABILITY = 0.95
 #: Simulated uniform samples behind the simultaneous band's pointwise level (Säilynoja et al. 2022, section 3.2).
 BAND_SIMULATIONS = 2000
-#: Newton iterations of the batched Laplace start (eight schools needs ~15 from the prior median).
-LAPLACE_MAX_ITERATIONS = 100
-#: Levenberg-Marquardt damping at the first Newton step, in units of the Hessian (nats per unconstrained unit^2).
-LAPLACE_INITIAL_DAMPING = 1e-3
-#: Newton decrement (predicted decrease of the negative log density, nats) below which a mode is accepted.
-LAPLACE_DECREMENT_TOLERANCE = 1e-9
 #: Guide draws per replication for ``p`` of components whose constraining transform is not elementwise monotone.
 MONTE_CARLO_DRAWS = 1000
 
@@ -177,6 +172,12 @@ class VSBCResult(SimulationOutcome):
                 "verdict": verdict,
             }
         return pd.DataFrame.from_dict(rows, orient="index")
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: replications, KS table and verdict counts (:func:`ppvi.html.vsbc_html`)."""
+        from ppvi.html import vsbc_html
+
+        return vsbc_html(self)
 
     def plot(self, bins: int = 20):
         """Histograms of ``p`` per scalar component (a matplotlib Figure)."""
@@ -291,6 +292,12 @@ class SBCResult(SimulationOutcome):
             }
         return pd.DataFrame.from_dict(rows, orient="index")
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: replications, rank table and verdict counts (:func:`ppvi.html.sbc_html`)."""
+        from ppvi.html import sbc_html
+
+        return sbc_html(self)
+
     def plot(self, probability: float = BAND_PROBABILITY):
         """ECDF difference plots of the ranks with the simultaneous band, one panel per component (a Figure)."""
 
@@ -338,9 +345,9 @@ def vsbc(
     steps : int, optional
         Train every replication for exactly this many steps (the result is the average of the last
         ``min(100, steps)`` iterates). By default each replication trains until its loss trace is stationary
-        (:func:`ppvi.convergence.is_stationary`, window 100, checked every 100 steps); at its first stationary point
-        its learning rate drops to :data:`SECOND_STAGE_FACTOR` times ``learning_rate`` (as in
-        :data:`ppvi.training.STAGES`); at the second it is frozen at the average of its last 100 iterates (Polyak
+        (:func:`ppvi.convergence.is_stationary`, window 100, checked every 100 steps); at each stationary point its
+        learning rate moves to the next stage of :data:`ppvi.training.STAGES` (:func:`ppvi.training.advance_stages`,
+        the rule ``ppvi.fit`` follows); after the last it is frozen at the average of its last 100 iterates (Polyak
         averaging) and stops contributing gradient. At most :data:`DEFAULT_MAX_STEPS` steps; replications still
         running then are averaged the same way and reported ``converged=False``. Frozen replications leave the
         batch, so the cost of a step falls as replications converge.
@@ -575,74 +582,6 @@ class _Engine:
         """``-(log p(y_m, T(z_m)) + log|det J|)`` for ``z`` of shape ``(M, D)``: shape ``(M,)``."""
         return -self.log_joint(z.unsqueeze(0)).squeeze(0)
 
-    def gradient_and_hessian(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Value ``(M,)``, gradient ``(M, D)`` and Hessian ``(M, D, D)`` of every replication's negative log joint.
-
-        Replications are independent, so the Hessian of the *sum* over replications is block diagonal and ``D``
-        Hessian-vector products (one per coordinate, all replications at once) give every block.
-        """
-        z = z.detach().requires_grad_(True)
-        value = self.negative_log_joint(z)
-        (gradient,) = torch.autograd.grad(value.sum(), z, create_graph=True)
-        rows = [
-            torch.autograd.grad(gradient[:, d].sum(), z, retain_graph=d + 1 < self.latent_dim)[0]
-            for d in range(self.latent_dim)
-        ]
-        return value.detach(), gradient.detach(), torch.stack(rows, dim=-2).detach()
-
-    def laplace(self, guide: str) -> _LaplaceStart:
-        """Every replication's posterior mode in unconstrained coordinates by damped Newton (Levenberg 1944,
-        Marquardt 1963: solve ``(H + lambda I) step = -g``, shrinking ``lambda`` after a decrease of the objective
-        and growing it after a failed one), all replications at once; then the whitening map of the Hessian there.
-        """
-        M, D = self.M, self.latent_dim
-        z = self.init_loc.expand(M, D).clone()
-        damping = torch.full((M,), LAPLACE_INITIAL_DAMPING)
-        identity = torch.eye(D)
-        done = torch.zeros(M, dtype=torch.bool)
-        failed = torch.zeros(M, dtype=torch.bool)
-        value, gradient, hessian = self.gradient_and_hessian(z)
-        for _ in range(LAPLACE_MAX_ITERATIONS):
-            # A replication whose density or derivatives are not finite at its iterate has no usable mode.
-            failed = failed | ~(torch.isfinite(value) & torch.isfinite(hessian).flatten(1).all(-1))
-            failed = failed | ~torch.isfinite(gradient).all(-1)
-            done = done | failed
-            hessian = torch.where(failed[:, None, None], identity, hessian)
-            gradient = torch.where(failed[:, None], torch.zeros_like(gradient), gradient)
-            factor, info = torch.linalg.cholesky_ex(hessian + damping[:, None, None] * identity)
-            while bool((info > 0).any()):  # not positive definite: more damping, until a descent direction
-                damping = torch.where(info > 0, damping * 10.0, damping)
-                factor, info = torch.linalg.cholesky_ex(hessian + damping[:, None, None] * identity)
-            step = -torch.cholesky_solve(gradient.unsqueeze(-1), factor).squeeze(-1)
-            # Newton decrement: half the predicted decrease of the objective along the step.
-            decrement = -(gradient * step).sum(-1)
-            done = done | (torch.isfinite(value) & (decrement < LAPLACE_DECREMENT_TOLERANCE))
-            if bool(done.all()):
-                break
-            candidate = torch.where(done[:, None], z, z + step)
-            with torch.no_grad():
-                candidate_value = self.negative_log_joint(candidate)
-            improved = ~done & torch.isfinite(candidate_value) & (candidate_value < value)
-            z = torch.where(improved[:, None], candidate, z)
-            damping = torch.where(improved, (damping / 3.0).clamp_min(1e-12), damping * 10.0)
-            if bool(improved.any()):
-                value, gradient, hessian = self.gradient_and_hessian(z)
-        # A usable Laplace approximation: the decrement criterion met and a positive definite Hessian.
-        hessian = 0.5 * (hessian + hessian.transpose(-1, -2))
-        cholesky, info = torch.linalg.cholesky_ex(hessian)
-        succeeded = done & ~failed & (info == 0) & torch.isfinite(z).all(-1)
-        center = torch.where(succeeded[:, None], z, self.init_loc.expand(M, D))
-        if guide == "meanfield":
-            # Conditional sds 1 / sqrt(H_dd): the mean-field optimum for a Gaussian target.
-            diagonal = torch.diagonal(hessian, dim1=-2, dim2=-1).clamp_min(1e-300)
-            factor = torch.where(succeeded[:, None], diagonal.rsqrt(), torch.ones(M, D))
-        else:
-            safe = torch.where(succeeded[:, None, None], cholesky, identity.expand(M, D, D))
-            # A lower-triangular square root of H^{-1}: the Cholesky factor of the covariance.
-            covariance_factor = torch.linalg.cholesky(torch.cholesky_inverse(safe))
-            factor = torch.where(succeeded[:, None, None], covariance_factor, identity.expand(M, D, D))
-        return _LaplaceStart(center, factor, succeeded)
-
     # -- optimisation --------------------------------------------------------------------------------------------
     def optimise(self, guide: str, steps: int | None, learning_rate: float, num_particles: int):
         """Train all replications; returns the (Polyak-averaged) ``loc`` ``(M, D)`` and scale (``(M, D)`` sds or
@@ -656,7 +595,9 @@ class _Engine:
         # z = center + factor @ w (a diagonal factor for mean-field, which keeps the family mean-field), where its
         # posterior is about N(0, I): one learning rate then suits replications whose posteriors differ by orders
         # of magnitude in scale. Replications without a usable mode start at the prior median with scale 0.1.
-        start = self.laplace(guide)
+        start = batched_laplace_start(
+            self.negative_log_joint, self.init_loc.expand(M, D), "diagonal" if guide == "meanfield" else "full"
+        )
         self.laplace_succeeded = start.succeeded.cpu().numpy()
         center, factor = start.center, start.factor
         raw_unit = math.log(math.expm1(1.0))  # softplus^{-1}(1): q = N(0, I) in whitened coordinates
@@ -668,7 +609,7 @@ class _Engine:
         # Adam's epsilon as ppvi.fit uses it: 0.1 in whitened coordinates (PRECONDITIONED_ADAM_EPSILON), Adam's own
         # 1e-8 in raw ones.
         epsilon_of = torch.where(start.succeeded, torch.tensor(PRECONDITIONED_ADAM_EPSILON), torch.tensor(1e-8))
-        adam = _BatchedAdam(parameters)
+        adam = engines.adam_init(parameters)
         active = torch.arange(M)  # global indices of the replications still training
         strictly_lower = torch.ones(D, D).tril(-1)
 
@@ -694,7 +635,7 @@ class _Engine:
         self.steps_taken = np.full(M, max_steps)
         converged = np.zeros(M, dtype=bool)
         stage, stage_start = np.zeros(M, dtype=int), np.zeros(M, dtype=int)
-        step_factor = torch.ones(M)
+        step_factor = torch.full((M,), training.STAGES[0])
         for step in range(max_steps):
             leaves = [parameter.detach().requires_grad_(True) for parameter in parameters]
             loc, scale = leaves[0], scale_of(*leaves[1:])
@@ -716,12 +657,14 @@ class _Engine:
             loss = torch.where(finite, per_replication, torch.zeros_like(per_replication)).sum()
             gradients = torch.autograd.grad(loss, leaves)
             with torch.no_grad():
-                parameters = adam.step(
+                parameters, adam = engines.adam_update(
                     [leaf.detach() for leaf in leaves],
                     [gradient.nan_to_num(0.0, 0.0, 0.0) for gradient in gradients],
+                    adam,
                     learning_rate * step_factor[active],
                     epsilon_of[active],
                 )
+                parameters = list(parameters)
                 losses[step, active.cpu().numpy()] = per_replication.detach().double().cpu().numpy()
                 current_loc, current_scale = unwhiten(parameters[0], scale_of(*parameters[1:]), active)
                 if block_count == 0:
@@ -745,12 +688,16 @@ class _Engine:
                         if np.isfinite(trace[-2 * window :, m]).all()
                         and is_stationary(trace[stage_start[m] :, m], rule)
                     ]
-                    # First stationary point: learning rate / 5 (as ppvi.training's STAGES); second: done.
-                    first = [i for i in stationary if stage[global_index[i]] == 0]
-                    stage[global_index[first]] = 1
-                    stage_start[global_index[first]] = step + 1
-                    step_factor[torch.as_tensor(global_index[first], dtype=torch.long)] = SECOND_STAGE_FACTOR
-                    newly = np.asarray(sorted(set(stationary) - set(first)), dtype=int)
+                    # At a stationary point, the next of ppvi.training's STAGES; after the last, done.
+                    stationary = np.asarray(stationary, dtype=int)
+                    advanced, finished = training.advance_stages(stage[global_index[stationary]])
+                    moving = stationary[~finished]
+                    stage[global_index[moving]] = advanced[~finished]
+                    stage_start[global_index[moving]] = step + 1
+                    step_factor[torch.as_tensor(global_index[moving], dtype=torch.long)] = torch.as_tensor(
+                        [training.STAGES[k] for k in advanced[~finished]], dtype=step_factor.dtype
+                    )
+                    newly = np.sort(stationary[finished])
                     converged[global_index[newly]] = True
                 else:
                     newly = np.zeros(0, dtype=int)
@@ -767,7 +714,7 @@ class _Engine:
                     break
                 active = active[keep]
                 parameters = [parameter[keep] for parameter in parameters]
-                adam.keep(keep)
+                adam = engines.keep_replications(adam, keep)
         self.converged = converged
         self.losses = losses[: step + 1]
         return final_loc, final_scale
@@ -811,51 +758,6 @@ class _Engine:
                 theta0 = self.theta0[name]
                 counts[name] += (value.reshape(chunk, *theta0.shape) < theta0).sum(0)
         return {name: count.cpu().numpy() for name, count in counts.items()}
-
-
-class _LaplaceStart(NamedTuple):
-    """Per replication: ``center`` ``(M, D)``, whitening ``factor`` (``(M, D)`` or ``(M, D, D)``) and whether the
-    mode and a positive definite Hessian were found (``succeeded``, ``(M,)``)."""
-
-    center: torch.Tensor
-    factor: torch.Tensor
-    succeeded: torch.Tensor
-
-
-class _BatchedAdam:
-    """Adam (Kingma & Ba 2015) on parameters with a leading replication dimension, with a learning rate and an
-    epsilon per replication; :meth:`keep` drops replications (their moments with them) when they stop training."""
-
-    BETAS = (0.9, 0.999)  # Adam's published defaults, as torch.optim.Adam
-
-    def __init__(self, parameters: list[torch.Tensor]):
-        self.first = [torch.zeros_like(parameter) for parameter in parameters]
-        self.second = [torch.zeros_like(parameter) for parameter in parameters]
-        self.count = 0
-
-    def step(
-        self,
-        parameters: list[torch.Tensor],
-        gradients: list[torch.Tensor],
-        learning_rate: torch.Tensor,
-        epsilon: torch.Tensor,
-    ) -> list[torch.Tensor]:
-        beta1, beta2 = self.BETAS
-        self.count += 1
-        correction1, correction2 = 1 - beta1**self.count, 1 - beta2**self.count
-        updated = []
-        for index, (parameter, gradient) in enumerate(zip(parameters, gradients, strict=True)):
-            self.first[index].mul_(beta1).add_(gradient, alpha=1 - beta1)
-            self.second[index].mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-            shape = (-1, *(1,) * (parameter.dim() - 1))
-            denominator = (self.second[index] / correction2).sqrt_().add_(epsilon.reshape(shape))
-            rate = learning_rate.reshape(shape) / correction1
-            updated.append(parameter - rate * self.first[index] / denominator)
-        return updated
-
-    def keep(self, mask: torch.Tensor) -> None:
-        self.first = [moment[mask] for moment in self.first]
-        self.second = [moment[mask] for moment in self.second]
 
 
 class _Uncondition(poutine.messenger.Messenger):

@@ -38,6 +38,26 @@ DIVERGENCE_NOISE_MULTIPLE = 10.0
 DIVERGENCE_MINIMUM_NATS = 50.0
 
 
+def advance_stages(stage: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stage rule at a stationary point, for one run or a batch of replications: move to the next of
+    :data:`STAGES`, or finish after the last.
+
+    Parameters
+    ----------
+    stage : numpy.ndarray of int
+        Index into :data:`STAGES` of each run that has just become stationary.
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        The new stage index of each (unchanged where finished) and whether it has finished (was in the last
+        stage), after which it averages its iterates and stops.
+    """
+    stage = np.asarray(stage, dtype=int)
+    finished = stage + 1 >= len(STAGES)
+    return np.where(finished, stage, stage + 1), finished
+
+
 def is_invalid_value_error(error: Exception) -> bool:
     """Whether ``error`` is torch/Pyro argument validation rejecting a NaN or out-of-support value.
 
@@ -253,6 +273,7 @@ def run(
     epsilon: float = 1e-8,
     max_gradient_norm: float | None = None,
     step_function: Callable[[float], torch.Tensor] | None = None,
+    stationary_from: int = 0,
 ) -> TrainingResult:
     """Minimise ``loss_function`` with Adam until the stopping rule holds (or for exactly ``steps`` steps).
 
@@ -293,6 +314,10 @@ def run(
     step_function : callable, optional
         The whole step as one traced graph (:func:`ppvi.engine.trace_step`), used instead of ``loss_function``'s
         Pyro trace, backward pass and optimizer at every step (see :func:`update`).
+    stationary_from : int
+        First step at which the objective stops changing with the step (the end of a KL warm-up, whose weight grows
+        with the step, Bowman et al. 2016). Losses before it measure a different objective, so the divergence
+        check compares only the check intervals that start at or after it.
     """
     rule = rule or StoppingRule()
     if steps is not None and (not isinstance(steps, numbers.Integral) or steps < 1):
@@ -336,7 +361,9 @@ def run(
                 converged = False
                 break
             median = float(np.median(recent))
-            if median > best_median + max(DIVERGENCE_MINIMUM_NATS, DIVERGENCE_NOISE_MULTIPLE * best_spread):
+            comparable = last_check >= stationary_from  # the objective no longer changes with the step
+            allowance = max(DIVERGENCE_MINIMUM_NATS, DIVERGENCE_NOISE_MULTIPLE * best_spread)
+            if comparable and median > best_median + allowance:
                 diverged_step = state.step
                 with torch.no_grad():
                     for parameter, saved in zip(state.parameters, best, strict=True):
@@ -348,7 +375,7 @@ def run(
                 state = state._replace(average=None)
                 converged = False
                 break
-            if median < best_median and recent.shape[0] > 1:
+            if comparable and median < best_median and recent.shape[0] > 1:
                 best_median, best_spread = median, float(recent.std(ddof=1))
                 for saved, parameter in zip(best, state.parameters, strict=True):
                     saved.copy_(parameter.detach())
@@ -358,8 +385,9 @@ def run(
             if averaging_from is not None or state.step - stage_start < rule.window:
                 continue
             if is_stationary(losses[max(0, state.step - 2 * rule.window) : state.step].cpu().numpy(), rule):
-                if stage + 1 < len(STAGES):
-                    stage, stage_start = stage + 1, state.step
+                advanced, finished = advance_stages(np.array([stage]))
+                if not finished[0]:
+                    stage, stage_start = int(advanced[0]), state.step
                     for group in state.optimizer.param_groups:
                         group["lr"] = learning_rate * STAGES[stage]
                     if state.scheduler is not None:

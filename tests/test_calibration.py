@@ -20,6 +20,7 @@ from scipy.stats import kstest, norm  # noqa: E402
 import ppvi  # noqa: E402
 from models import eight_schools, linear_regression  # noqa: E402
 from ppvi.calibration import ALPHA, _Engine, sbc, simultaneous_ecdf_band, vsbc  # noqa: E402
+from ppvi.initialization import batched_laplace_start  # noqa: E402
 
 PRIOR_SD = 2.0
 NUM_POINTS = 5
@@ -167,7 +168,7 @@ def test_batched_laplace_start_is_the_exact_posterior_of_a_gaussian_model(float6
     # Outside reference: the conjugate regression posterior; the Laplace approximation of a Gaussian is exact.
     M = 5
     engine = _Engine(regression, (torch.as_tensor(X),), ["y"], M)
-    start = engine.laplace("fullrank")
+    start = batched_laplace_start(engine.negative_log_joint, engine.init_loc.expand(M, engine.latent_dim), "full")
     design = np.stack([np.ones_like(X), X], axis=1)
     covariance = np.linalg.inv(np.eye(2) / PRIOR_SD**2 + design.T @ design)
     y = engine.observed_values()["y"].numpy()

@@ -397,3 +397,24 @@ def test_ctrl_c_at_a_fixed_number_of_steps_keeps_the_steps_taken():
         pytest.fail("KeyboardInterrupt escaped training.run")
     assert result.interrupted_step == 7 and result.steps == 7 and result.losses.shape == (7,)
     assert not result.converged and "at step 7" in result.message
+
+
+def test_a_warm_up_that_raises_the_loss_by_design_is_not_divergence():
+    """A KL warm-up (Bowman et al. 2016) makes the loss grow with the step: before ``stationary_from`` the losses
+    measure another objective, and comparing them with later ones would call the warm-up a divergence."""
+    parameter = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    counter = {"step": 0}
+
+    def warming_loss() -> torch.Tensor:
+        counter["step"] += 1
+        weight = min(1.0, counter["step"] / 300)
+        return (parameter - 1.0).pow(2).sum() + 1000.0 * weight
+
+    warned = training.run(warming_loss, [parameter], learning_rate=0.05, steps=600)
+    assert warned.diverged_step is not None  # the check, left alone, mistakes the warm-up for a divergence
+    counter["step"] = 0
+    with torch.no_grad():
+        parameter.zero_()
+    run = training.run(warming_loss, [parameter], learning_rate=0.05, steps=600, stationary_from=300)
+    assert run.diverged_step is None and run.steps == 600
+    assert abs(float(parameter.detach()) - 1.0) < 0.05
