@@ -106,6 +106,12 @@ class Diagnosis(NamedTuple):
             f"ESS {self.effective_sample_size:.0f} of {self.num_samples})\n{self.explanation}"
         )
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: verdict, k-hat with its interval, ESS, explanation (:func:`ppvi.html.diagnosis_html`)."""
+        from ppvi.html import diagnosis_html
+
+        return diagnosis_html(self)
+
 
 def _khat_interval(log_weights: torch.Tensor, generator: torch.Generator) -> tuple[float, float]:
     """Bootstrap interval of k-hat: PSIS on :data:`BOOTSTRAP_RESAMPLES` resamples of the draws, in one batch."""
