@@ -11,7 +11,11 @@ evaluation (held-out perplexity, NPMI coherence, top words, topic matching).
 
 the per-word topic assignments summed out (a document's words are a draw from the *mixture* of its topics).
 Latent sites: ``topics`` (``K x V``, plate ``topic``) and ``topic_proportions`` (``D x K``, plate
-``documents``); observed site ``words`` (``D x V`` counts). :class:`MeanFieldDirichletGuide` is the mean-field
+``documents``); observed site ``words`` (``D x V`` counts). Text is sparse (98 % of AP's document x word cells are
+zero), so training works on the nonzero entries only (:class:`SparseCounts`): the likelihood is
+``sum_{n_dw > 0} n_dw log(theta_d . beta_w)`` plus the multinomial coefficient, the dense model's value exactly,
+at ``nnz x K`` instead of ``D x V x K`` per step, with minibatches of documents where they pay (stochastic
+variational inference, Hoffman, Blei, Wang & Paisley 2013). :class:`MeanFieldDirichletGuide` is the mean-field
 family of the paper, ``q(beta_k) = Dirichlet(lambda_k)``, ``q(theta_d) = Dirichlet(gamma_d)``, trained by
 stochastic gradients (implicit reparameterisation of the Dirichlet, Figurnov, Mohamed & Mnih 2018) with the KL
 terms in closed form (``TraceMeanField_ELBO``).
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 import weakref
 from typing import Literal
 
@@ -66,6 +71,12 @@ DEFAULT_TOPIC_CONCENTRATION = 0.1
 #: softplus units, dropout 0.2 on the encoder output and on theta).
 DEFAULT_HIDDEN_SIZE = 100
 DEFAULT_DROPOUT = 0.2
+#: Adam's learning rate of :func:`fit_lda` on the guide's log-concentrations. They must grow from about 1 to the
+#: token counts they summarise (thousands), at most about ``learning_rate`` per step in log space; 0.3 does it in
+#: tens of steps. Measured: held-out perplexity on AP (1,800 documents, K=10, full batches) 3,362 after 100 steps at
+#: 0.05 and 3,243 at 0.3 (scikit-learn's batch LDA: 3,317); mean total variation to the true topics of the
+#: 300-document test corpus 0.071 after 200 steps at 0.05 and 0.041 at 0.3.
+DEFAULT_LDA_LEARNING_RATE = 0.3
 #: Top words per topic for coherence, as in Lau, Newman & Baldwin (2014) and the ProdLDA paper.
 DEFAULT_TOP_WORDS = 10
 
@@ -131,6 +142,199 @@ def _as_sparse(
     return scipy.sparse.csr_matrix(_as_counts(counts, name))
 
 
+# --- sparse counts --------------------------------------------------------------------------------------------
+
+
+class SparseCounts:
+    """A documents-by-vocabulary count matrix kept as its nonzero entries, the form the LDA model trains on.
+
+    Text is sparse (98 % of the AP corpus' document x word cells are zero), so the likelihood is computed per
+    nonzero ``(document, word)`` entry: ``sum_{(d, w): n_dw > 0} n_dw log(theta_d . beta_w)``, which costs
+    ``nnz x K`` instead of ``D x V x K``. Pass one to :func:`model` (or let :func:`fit_lda` build it): ``ppvi.fit``
+    hands it to the model unchanged, and the model places its tensors on the fit's device and dtype once.
+
+    Parameters
+    ----------
+    counts : array-like, torch.Tensor or scipy.sparse matrix
+        Non-negative integer counts ``(D, V)``; dense input is converted once, sparse input is never densified.
+    dtype : torch.dtype, optional
+        Floating dtype the model computes in with these counts; by default torch's default dtype when the model
+        runs (inside ``ppvi.fit``, the fit's ``dtype=``). Outside a fit, pass ``torch.float64`` to compare with a
+        float64 dense tensor.
+    name : str
+        The argument's name in error messages.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        ``(D, V)``.
+    matrix : scipy.sparse.csr_matrix
+        The counts as float64 CSR (sorted indices, no explicit zeros).
+    log_coefficient : numpy.ndarray
+        ``log(N_d! / prod_w n_dw!)`` per document, the multinomial coefficient that :class:`torch.distributions.
+        Multinomial` includes in its ``log_prob``: the sparse likelihood adds it so that it equals the dense one.
+    """
+
+    def __init__(
+        self,
+        counts: np.ndarray | torch.Tensor | scipy.sparse.spmatrix,
+        dtype: torch.dtype | None = None,
+        name: str = "counts",
+    ):
+        if dtype is not None and dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32, torch.float64 or None, got {dtype!r}")
+        self.dtype = dtype
+        matrix = _as_sparse(counts, name)
+        matrix.sort_indices()
+        self.matrix = matrix
+        self.shape: tuple[int, int] = (int(matrix.shape[0]), int(matrix.shape[1]))
+        self._rows = np.repeat(np.arange(self.shape[0]), np.diff(matrix.indptr))
+        lengths = np.asarray(matrix.sum(1)).ravel()
+        per_entry = np.bincount(self._rows, weights=scipy.special.gammaln(matrix.data + 1.0), minlength=self.shape[0])
+        self.log_coefficient = scipy.special.gammaln(lengths + 1.0) - per_entry
+        self._placed: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def of(cls, counts, name: str = "counts") -> SparseCounts:
+        """``counts`` itself if it is already a :class:`SparseCounts`, else a new one."""
+        return counts if isinstance(counts, SparseCounts) else cls(counts, name=name)
+
+    @property
+    def nnz(self) -> int:
+        """Number of nonzero entries."""
+        return int(self.matrix.nnz)
+
+    def __repr__(self) -> str:
+        return f"SparseCounts(shape={self.shape}, nnz={self.nnz}, tokens={int(self.matrix.sum())})"
+
+    def to_dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The dense ``(D, V)`` tensor (for small corpora and tests)."""
+        return torch.as_tensor(self.matrix.toarray(), dtype=dtype)
+
+    def placed(self, device: torch.device | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The CSR arrays as tensors on ``device`` with values in ``dtype``, made once per device and dtype."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        key = (device, dtype)
+        if key not in self._placed:
+            matrix = self.matrix
+            self._placed[key] = {
+                "indptr": torch.as_tensor(matrix.indptr.astype(np.int64), device=device),
+                "columns": torch.as_tensor(matrix.indices.astype(np.int64), device=device),
+                "values": torch.as_tensor(matrix.data, dtype=dtype, device=device),
+                "rows": torch.as_tensor(self._rows, device=device),
+                "log_coefficient": torch.as_tensor(self.log_coefficient, dtype=dtype, device=device),
+                "all": torch.arange(self.shape[0], device=device),
+            }
+        return self._placed[key]
+
+    def documents(self, index: torch.Tensor | None, device: torch.device | None, dtype: torch.dtype) -> _Entries:
+        """The nonzero entries of documents ``index`` (all documents for None or ``arange(D)``), their rows
+        renumbered ``0..len(index) - 1``."""
+        placed = self.placed(device, dtype)
+        if index is None or (index.shape[0] == self.shape[0] and torch.equal(index, placed["all"])):
+            return _Entries(placed["indptr"], placed["columns"], placed["values"], placed["rows"],
+                            placed["log_coefficient"], self.shape[1])
+        index = index.to(placed["indptr"].device)
+        starts, stops = placed["indptr"][index], placed["indptr"][index + 1]
+        lengths = stops - starts
+        indptr = torch.zeros(index.shape[0] + 1, dtype=torch.int64, device=index.device)
+        torch.cumsum(lengths, 0, out=indptr[1:])
+        rows = torch.repeat_interleave(torch.arange(index.shape[0], device=index.device), lengths)
+        positions = torch.arange(int(indptr[-1]), device=index.device) + (starts - indptr[:-1])[rows]
+        return _Entries(indptr, placed["columns"][positions], placed["values"][positions], rows,
+                        placed["log_coefficient"][index], self.shape[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entries:
+    """Nonzero entries of a set of documents in CSR form, with each entry's row and each document's multinomial
+    coefficient."""
+
+    indptr: torch.Tensor
+    columns: torch.Tensor
+    values: torch.Tensor
+    rows: torch.Tensor
+    log_coefficient: torch.Tensor
+    vocabulary_size: int
+
+    @property
+    def num_documents(self) -> int:
+        return self.indptr.shape[0] - 1
+
+    def csr(self, values: torch.Tensor) -> torch.Tensor:
+        """torch CSR tensor ``(documents, V)`` with this sparsity pattern and ``values``."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+            return torch.sparse_csr_tensor(
+                self.indptr, self.columns, values, (self.num_documents, self.vocabulary_size), check_invariants=False
+            )
+
+    def transposed_product(self, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """``W^T dense`` for ``W`` the entries with ``values``, ``(V, K)``: SciPy's CSR-transpose product on the
+        CPU (4-10x faster than torch's here, measured on AP), torch's elsewhere."""
+        if values.device.type == "cpu":
+            scipy_matrix = scipy.sparse.csr_matrix(
+                (values.detach().numpy(), self.columns.numpy(), self.indptr.numpy()),
+                shape=(self.num_documents, self.vocabulary_size),
+            )
+            return torch.as_tensor(np.asarray(scipy_matrix.T @ dense.detach().numpy()))
+        return self.csr(values).t() @ dense
+
+
+class _SparseMixtureLogLikelihood(torch.autograd.Function):
+    """Per-document ``sum_w n_dw log(theta_d . beta_w)`` over the nonzero entries, with its exact gradient by two
+    sparse-dense products (``dL/dtheta = R beta^T``, ``dL/dbeta = theta^T R``, ``R_dw = n_dw / p_dw``) instead of
+    autograd through gathers of ``nnz x K`` rows (measured 5-10x slower on AP)."""
+
+    @staticmethod
+    def forward(ctx, proportions: torch.Tensor, topics: torch.Tensor, entries: _Entries) -> torch.Tensor:
+        pattern = entries.csr(torch.ones_like(entries.values, dtype=proportions.dtype))
+        probability = torch.sparse.sampled_addmm(pattern, proportions, topics, beta=0.0).values()
+        # A Dirichlet draw can underflow to exact zeros; a zero probability under a positive count would make the
+        # log-likelihood -inf, so probabilities are floored at the smallest normal number (as the dense model, and
+        # as there no gradient flows through a floored probability).
+        tiny = torch.finfo(probability.dtype).tiny
+        floored = probability < tiny
+        probability = probability.clamp_min(tiny)
+        per_entry = entries.values * probability.log()
+        per_document = torch.zeros(entries.num_documents, dtype=per_entry.dtype, device=per_entry.device)
+        per_document.index_add_(0, entries.rows, per_entry)
+        ctx.save_for_backward(proportions, topics, probability, floored)
+        ctx.entries = entries
+        return per_document
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gradient: torch.Tensor):
+        proportions, topics, probability, floored = ctx.saved_tensors
+        entries: _Entries = ctx.entries
+        weights = (gradient[entries.rows] * entries.values / probability).masked_fill(floored, 0.0)
+        gradient_proportions = entries.csr(weights) @ topics.t() if ctx.needs_input_grad[0] else None
+        gradient_topics = None
+        if ctx.needs_input_grad[1]:
+            gradient_topics = entries.transposed_product(weights, proportions.contiguous()).t().to(topics.dtype)
+        return gradient_proportions, gradient_topics, None
+
+
+def sparse_log_likelihood(proportions: torch.Tensor, topics: torch.Tensor, entries: _Entries) -> torch.Tensor:
+    """LDA's per-document log-likelihood ``log Multinomial(n_d | N_d, theta_d^T beta)`` from the nonzero entries.
+
+    ``log(N_d! / prod_w n_dw!) + sum_{w: n_dw > 0} n_dw log(theta_d . beta_w)``: the same value as the dense
+    ``Multinomial(probs=theta_d^T beta).log_prob(n_d)`` (whose zero counts contribute nothing), at ``nnz x K`` cost.
+    ``proportions`` ``(..., B, K)``, ``topics`` ``(..., K, V)``; leading (particle) dimensions take the gather
+    path, plain matrices the sparse-product one.
+    """
+    if proportions.dim() == 2 and topics.dim() == 2:
+        per_document = _SparseMixtureLogLikelihood.apply(proportions, topics, entries)
+    else:
+        gathered = proportions[..., entries.rows, :] * topics.transpose(-1, -2)[..., entries.columns, :]
+        probability = gathered.sum(-1).clamp_min(torch.finfo(gathered.dtype).tiny)
+        per_entry = entries.values * probability.log()
+        shape = (*per_entry.shape[:-1], entries.num_documents)
+        per_document = per_entry.new_zeros(shape).index_add(-1, entries.rows, per_entry)
+    return per_document + entries.log_coefficient
+
+
 # --- simulation -------------------------------------------------------------------------------------------------
 
 
@@ -192,7 +396,7 @@ def _concentrations(num_topics: int, document_concentration, topic_concentration
 
 
 def model(
-    counts: torch.Tensor | None = None,
+    counts: torch.Tensor | SparseCounts | scipy.sparse.spmatrix | None = None,
     num_topics: int = DEFAULT_NUM_TOPICS,
     document_concentration: float | None = None,
     topic_concentration: float | None = None,
@@ -201,14 +405,19 @@ def model(
     vocabulary_size: int = DEFAULT_VOCABULARY_SIZE,
     document_length: int = DEFAULT_DOCUMENT_LENGTH,
     subsample_size: int | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | SparseCounts:
     """Pyro model of LDA (Blei, Ng & Jordan 2003) with the topic assignments marginalised.
+
+    With dense counts the observed site ``words`` is ``Multinomial(N_d, theta_d^T beta)``; with sparse counts
+    (:class:`SparseCounts`, or a scipy.sparse matrix, converted on every call: convert it once for training) it is
+    a ``pyro.factor`` of the same per-document log-likelihood computed from the nonzero entries only
+    (:func:`sparse_log_likelihood`, multinomial coefficient included), so both give the same ELBO.
 
     Parameters
     ----------
-    counts : torch.Tensor, optional
-        Word counts, shape ``(D, V)`` (dense, floating). With None the model draws ``num_documents`` documents of
-        ``document_length`` tokens over ``vocabulary_size`` words.
+    counts : torch.Tensor, SparseCounts or scipy.sparse matrix, optional
+        Word counts, shape ``(D, V)`` (a dense tensor must be floating). With None the model draws
+        ``num_documents`` documents of ``document_length`` tokens over ``vocabulary_size`` words.
     num_topics : int
         ``K``.
     document_concentration, topic_concentration : float, optional
@@ -217,27 +426,46 @@ def model(
     num_documents, vocabulary_size, document_length : int
         Sizes when simulating (ignored when ``counts`` is given).
     subsample_size : int, optional
-        Minibatch of documents (``pyro.plate("documents", D, subsample_size=...)``).
+        Minibatch of documents (``pyro.plate("documents", D, subsample_size=...)``): the likelihood is scaled by
+        ``D / subsample_size``, as in stochastic variational inference (Hoffman, Blei, Wang & Paisley 2013).
 
     Returns
     -------
-    torch.Tensor
-        The counts of the documents in the (sub)sample: observed or drawn.
+    torch.Tensor or SparseCounts
+        The counts of the documents in the (sub)sample: observed (dense, or the :class:`SparseCounts` itself for
+        sparse input) or drawn.
     """
     alpha, eta = _concentrations(num_topics, document_concentration, topic_concentration)
-    if counts is not None:
+    sparse = None
+    if isinstance(counts, SparseCounts) or scipy.sparse.issparse(counts):
+        sparse = SparseCounts.of(counts)
+        num_documents, vocabulary_size = sparse.shape
+        dtype, device = sparse.dtype or torch.get_default_dtype(), None
+    elif counts is not None:
+        if not isinstance(counts, torch.Tensor):
+            raise ValueError(
+                f"counts must be a torch.Tensor, a models.lda.SparseCounts or a scipy.sparse matrix, got "
+                f"{type(counts).__name__}"
+            )
         if counts.dim() != 2:
             raise ValueError(f"counts must have shape (documents, vocabulary), got {tuple(counts.shape)}")
         _check_count_tensor(counts)
         num_documents, vocabulary_size = counts.shape
-    dtype = counts.dtype if counts is not None and counts.is_floating_point() else torch.get_default_dtype()
-    device = counts.device if counts is not None else None
+    if sparse is None:
+        dtype = counts.dtype if counts is not None and counts.is_floating_point() else torch.get_default_dtype()
+        device = counts.device if counts is not None else None
     with pyro.plate("topic", num_topics):
         topics = pyro.sample("topics", dist.Dirichlet(torch.full((vocabulary_size,), eta, dtype=dtype, device=device)))
+    if sparse is not None:
+        device = topics.device
     with pyro.plate("documents", num_documents, subsample_size=subsample_size) as index:
         proportions = pyro.sample(
             "topic_proportions", dist.Dirichlet(torch.full((num_topics,), alpha, dtype=dtype, device=device))
         )
+        if sparse is not None:
+            entries = sparse.documents(index, device, dtype)
+            pyro.factor("words", sparse_log_likelihood(proportions, topics, entries))
+            return sparse
         # A Dirichlet draw can underflow to exact zeros in float32; a word with zero probability but a positive
         # count would make the log-likelihood -inf, so probabilities are floored at the smallest normal number.
         probabilities = (proportions @ topics).clamp_min(torch.finfo(dtype).tiny)
@@ -261,7 +489,7 @@ class MeanFieldDirichletGuide(nn.Module):
 
     Parameters
     ----------
-    counts : array-like
+    counts : array-like, scipy.sparse matrix or SparseCounts
         The training counts ``(D, V)`` (used for the sizes and the starting values only).
     num_topics : int
         ``K``.
@@ -280,7 +508,7 @@ class MeanFieldDirichletGuide(nn.Module):
         seed: int = 0,
     ):
         super().__init__()
-        counts = _as_sparse(counts)
+        counts = SparseCounts.of(counts).matrix
         self.document_concentration, self.topic_concentration = _concentrations(
             num_topics, document_concentration, topic_concentration
         )
@@ -505,24 +733,37 @@ def _steps(num_documents: int, subsample_size: int | None, epochs: int) -> int:
 
 
 def fit_lda(
-    counts,
+    counts: np.ndarray | torch.Tensor | scipy.sparse.spmatrix | SparseCounts,
     num_topics: int,
     *,
     document_concentration: float | None = None,
     topic_concentration: float | None = None,
     epochs: int = 200,
     subsample_size: int | None = None,
-    learning_rate: float = 0.05,
+    learning_rate: float = DEFAULT_LDA_LEARNING_RATE,
+    schedule: str = "constant",
     device: str = "auto",
     dtype: str = "float64",
     seed: int = 0,
+    guide: MeanFieldDirichletGuide | None = None,
 ) -> TopicFit:
-    """Fit LDA with the mean-field Dirichlet guide by ``ppvi.fit`` (``TraceMeanField_ELBO``, Adam).
+    """Fit LDA with the mean-field Dirichlet guide by ``ppvi.fit`` (``TraceMeanField_ELBO``, Adam), on the
+    nonzero counts only (:class:`SparseCounts`).
+
+    Each step costs ``nnz x K`` for the likelihood of the documents in the step (:func:`sparse_log_likelihood`)
+    plus ``K x V`` for drawing the topics, their implicit-reparameterisation gradient (Figurnov, Mohamed & Mnih
+    2018) and their closed-form KL. Minibatches of documents (``subsample_size``, stochastic variational inference
+    with the likelihood scaled by ``D / subsample_size``, Hoffman, Blei, Wang & Paisley 2013) pay when the
+    likelihood dominates, i.e. when ``nnz`` is large against ``V``: measured at learning rate 0.3 on one busy CPU
+    thread, 20 Newsgroups (11,258 documents, 1,995 words, K=20) came within 2 % of scikit-learn's held-out
+    perplexity after 76 steps of 2,000 documents (5 s, ``benchmarks/lda_speed.py``) against 50 full-batch steps
+    (15 s); on AP (1,800 documents, 10,473 words, K=10, where the topics' ``K x V`` work dominates) full batches
+    were faster (3,349 after 60 steps, 12 s) than batches of 600 (3,414 after 90 steps, 13 s).
 
     Parameters
     ----------
-    counts : array-like or scipy.sparse matrix
-        Word counts ``(D, V)``.
+    counts : array-like, torch.Tensor, scipy.sparse matrix or SparseCounts
+        Word counts ``(D, V)``; never densified.
     num_topics : int
         ``K``.
     document_concentration, topic_concentration : float, optional
@@ -532,8 +773,9 @@ def fit_lda(
     subsample_size : int, optional
         Documents per minibatch; None trains on all documents each step.
     learning_rate : float
-        Adam's learning rate on the log-concentrations (0.05 moves a concentration by a factor ``e`` in about
-        20 steps: they must grow from about 1 to the token counts they summarise).
+        Adam's learning rate on the log-concentrations (see :data:`DEFAULT_LDA_LEARNING_RATE`).
+    schedule : {"constant", "exponential", "cosine"}
+        Learning-rate schedule of :func:`ppvi.fit` (the last ``min(100, steps // 2)`` iterates are averaged).
     device, dtype : str
         As for :func:`ppvi.fit`. float64 by default: in float32 the ELBO turned NaN after ~130-140 steps on 20
         Newsgroups (K=50, minibatches of 1,000). Autograd anomaly detection traced the first NaN to torch's
@@ -543,6 +785,10 @@ def fit_lda(
         float32 is left unsupported for this guide rather than patched by an unexplained clamp.
     seed : int
         Seed of the guide's start and of training.
+    guide : MeanFieldDirichletGuide, optional
+        The guide to train (for example one that records its topics during training, or a warm start); by
+        default a new one started from ``counts`` with ``seed``. Its sizes must match ``counts`` and
+        ``num_topics``.
 
     Returns
     -------
@@ -551,12 +797,22 @@ def fit_lda(
     """
     from ppvi import fit
 
-    dense = _dense_tensor(counts)
-    guide = MeanFieldDirichletGuide(counts, num_topics, document_concentration, topic_concentration, seed=seed)
+    sparse = SparseCounts.of(counts)
+    if guide is None:
+        guide = MeanFieldDirichletGuide(sparse, num_topics, document_concentration, topic_concentration, seed=seed)
+    elif not isinstance(guide, MeanFieldDirichletGuide):
+        raise ValueError(f"guide must be a MeanFieldDirichletGuide or None, got {type(guide).__name__}")
+    elif (guide.log_document_excess.shape[0], *guide.log_topic_excess.shape) != (sparse.shape[0], num_topics,
+                                                                                 sparse.shape[1]):
+        raise ValueError(
+            f"the guide is for {guide.log_document_excess.shape[0]} documents, {guide.log_topic_excess.shape[0]} "
+            f"topics and {guide.log_topic_excess.shape[1]} words; counts have shape {sparse.shape} and "
+            f"num_topics={num_topics}"
+        )
     result = fit(
-        model, dense, num_topics, document_concentration, topic_concentration, guide=guide,
-        steps=_steps(dense.shape[0], subsample_size, epochs), subsample_size=subsample_size,
-        learning_rate=learning_rate, device=device, dtype=dtype, seed=seed, progress=False,
+        model, sparse, num_topics, document_concentration, topic_concentration, guide=guide,
+        steps=_steps(sparse.shape[0], subsample_size, epochs), subsample_size=subsample_size,
+        learning_rate=learning_rate, schedule=schedule, device=device, dtype=dtype, seed=seed, progress=False,
     )
     return TopicFit(guide.topic_word(), "mixture", result)
 
