@@ -113,7 +113,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 import ppvi
-from models import fake_gaussian
+from ppvi.models import fake_gaussian
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KIDIQ = "kidiq-kidscore_momiq"
@@ -284,7 +284,7 @@ def make_kidiq() -> Problem | str:
     notes = []
     model, args = None, None
     try:
-        from models.posteriordb import load_posterior
+        from ppvi.models.posteriordb import load_posterior
     except ImportError:
         load_posterior = None
     if load_posterior is not None:
@@ -293,7 +293,7 @@ def make_kidiq() -> Problem | str:
             model, args, draws = loaded
         else:
             model, args, draws = loaded.model, loaded.args, loaded.reference_draws
-        notes.append("Pyro model and reference draws from models.posteriordb.load_posterior")
+        notes.append("Pyro model and reference draws from ppvi.models.posteriordb.load_posterior")
     else:
         with open(folder / "reference_draws.json") as file:
             chains = json.load(file)
@@ -303,7 +303,7 @@ def make_kidiq() -> Problem | str:
         }
         model = kidiq_pyro_model
         args = (torch.tensor(mom_iq_numpy, dtype=torch.float32), torch.tensor(kid_score_numpy, dtype=torch.float32))
-        notes.append("models.posteriordb not found: Pyro model written inline")
+        notes.append("ppvi.models.posteriordb not found: Pyro model written inline")
     beta, sigma = np.asarray(draws["beta"], dtype=np.float64), np.asarray(draws["sigma"], dtype=np.float64)
     reference = {"beta[0]": beta[:, 0], "beta[1]": beta[:, 1], "sigma": sigma}
     means = {key: float(value.mean()) for key, value in reference.items()}

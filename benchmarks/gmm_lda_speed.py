@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -32,10 +31,8 @@ import torch
 from scipy import stats
 from threadpoolctl import threadpool_limits
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import ppvi  # noqa: E402
-from models import gmm  # noqa: E402
+from ppvi.models import gmm  # noqa: E402
 
 #: Convergence tolerance shared by EM, CAVI and scikit-learn: on the average log-likelihood per point (EM,
 #: GaussianMixture) and on the total bound in nats (CAVI, BayesianGaussianMixture), scikit-learn's conventions.
@@ -91,7 +88,7 @@ def gmm_rows(seed: int) -> list[dict]:
         start = gmm.kmeans_responsibilities(points, K, seed)
         result = gmm.cavi(points, K, init=start, tolerance=GMM_TOLERANCE, max_iterations=GMM_MAX_ITERATIONS)
         seconds = time.perf_counter() - started
-        row("models.gmm.cavi", seconds,
+        row("ppvi.models.gmm.cavi", seconds,
             _mixture_log_likelihood(points, result.weights, result.means, result.covariances),
             result.elbo[-1] / N, result.iterations)
 
@@ -99,7 +96,7 @@ def gmm_rows(seed: int) -> list[dict]:
         start = gmm.kmeans_responsibilities(points, K, seed)
         result = gmm.em(points, K, init=start, tolerance=GMM_TOLERANCE, max_iterations=GMM_MAX_ITERATIONS)
         seconds = time.perf_counter() - started
-        row("models.gmm.em", seconds, result.log_likelihood[-1], math.nan, result.iterations)
+        row("ppvi.models.gmm.em", seconds, result.log_likelihood[-1], math.nan, result.iterations)
 
         started = time.perf_counter()
         mixture = GaussianMixture(K, reg_covar=0.0, tol=GMM_TOLERANCE, max_iter=GMM_MAX_ITERATIONS,
@@ -132,7 +129,7 @@ def lda_rows(corpus, num_topics: int, seed: int) -> list[dict]:
     """
     from sklearn.decomposition import LatentDirichletAllocation
 
-    from models import lda
+    from ppvi.models import lda
 
     evaluated_documents = 2000  # ProdLDA's fold-in costs documents x topics x vocabulary per iteration
 

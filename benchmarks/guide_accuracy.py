@@ -101,8 +101,8 @@ import torch
 from pyro import poutine
 
 import ppvi
-from models import banana, eight_schools, funnel
 from ppvi.compare import reference_moments
+from ppvi.models import banana, eight_schools, funnel
 from ppvi.summary import flatten_draws
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -260,7 +260,7 @@ def _numpyro_builder(row: str, arrays: tuple[np.ndarray, ...], **constants: Any)
 
 def make_posteriordb(row: str) -> Posterior | str:
     """A posteriordb row, or the reason it is skipped."""
-    from models.posteriordb import load_posterior
+    from ppvi.models.posteriordb import load_posterior
 
     root = shared_folder() / "posteriordb"
     try:
@@ -310,7 +310,7 @@ def eight_schools_reference(seed: int, num_warmup: int, num_draws: int) -> tuple
         )
         return draws, note
     folder = shared_folder() / "posteriordb"
-    from models.posteriordb import load_posterior
+    from ppvi.models.posteriordb import load_posterior
 
     case = load_posterior(POSTERIORDB["eight_schools_noncentered"], folder)
     return dict(case.reference_draws), "reference: posteriordb eight_schools_noncentered draws (NumPyro not installed)"

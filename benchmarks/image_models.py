@@ -24,17 +24,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models import image_baselines  # noqa: E402
-from models.image_baselines import LadderSettings  # noqa: E402
+from ppvi.models import image_baselines  # noqa: E402
+from ppvi.models.image_baselines import LadderSettings  # noqa: E402
 
 #: Digits at small settings: every rung runs in seconds (for CI), the numbers mean little.
 DIGITS_QUICK = LadderSettings(fvsbn_epochs=3, autoregressive_epochs=1, pixelcnn_channels=8, pixelcnn_layers=1,

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -41,10 +40,8 @@ import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models import lda  # noqa: E402
 from ppvi.data import corpus as load_corpus  # noqa: E402
+from ppvi.models import lda  # noqa: E402
 
 #: Topics per corpus, as the issue asks.
 NUM_TOPICS = {"ap": 10, "20news": 20}

@@ -22,17 +22,14 @@ or a small CPU check: ``python benchmarks/vae_mnist.py --seconds 60 --test-image
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models import vae as vae_module  # noqa: E402
 from ppvi.amortized import log_likelihood  # noqa: E402
 from ppvi.data import binarize, mnist  # noqa: E402
+from ppvi.models import vae as vae_module  # noqa: E402
 
 #: Burda et al. (2016), Table 1: VAE with one stochastic layer, k = 1, dynamically binarized MNIST.
 LITERATURE_NLL = 86.76

@@ -21,20 +21,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import ppvi  # noqa: E402
-from models.vae import VAE  # noqa: E402
 from ppvi import training  # noqa: E402
 from ppvi.amortized import AmortizedELBO  # noqa: E402
+from ppvi.models.vae import VAE  # noqa: E402
 
 #: MNIST's training set size and image shape.
 NUM_IMAGES, IMAGE_SHAPE = 60_000, (28, 28)

@@ -23,19 +23,15 @@ Prints a table (seconds, speed-ups, what each method flags at alpha = 0.001) and
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import ppvi  # noqa: E402
-from models import eight_schools  # noqa: E402
 from ppvi.calibration import ALPHA  # noqa: E402
+from ppvi.models import eight_schools  # noqa: E402
 
 #: Guide draws behind each looped fit's p (as NumPyro's num_samples).
 LOOP_DRAWS = 1000

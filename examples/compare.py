@@ -77,7 +77,7 @@ def main(
         model, args, reference = correlated_gaussian, (), exact_draws()
         title = f"A Gaussian posterior with correlation {CORRELATION}"
     else:
-        from models.posteriordb import load_posterior
+        from ppvi.models.posteriordb import load_posterior
 
         case = load_posterior(KIDIQ, posteriordb)
         model, args, reference = case.model, case.args, case.reference_draws

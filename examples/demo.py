@@ -8,7 +8,7 @@ from __future__ import annotations
 import pandas as pd
 
 import ppvi
-from models import fake_gaussian
+from ppvi.models import fake_gaussian
 
 
 def main() -> pd.DataFrame:

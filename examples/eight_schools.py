@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import ppvi  # noqa: E402
-from models import eight_schools  # noqa: E402
+from ppvi.models import eight_schools  # noqa: E402
 
 PARAMETERISATIONS = ("noncentered", "centered")
 GUIDES = ("meanfield", "fullrank")

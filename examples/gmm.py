@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
 
 import ppvi
-from models import gmm
+from ppvi.models import gmm
 
 #: Draws of the SVI guide behind its posterior means and responsibilities.
 NUM_DRAWS = 1000

@@ -12,8 +12,8 @@ import argparse
 import os
 from pathlib import Path
 
-from models import lda
 from ppvi.data import corpus
+from ppvi.models import lda
 
 #: Settings of the full run: 50 topics as in Srivastava & Sutton (2017), whose figures (NPMI ~0.24 for ProdLDA
 #: against ~0.11 for variational LDA) this reproduces in kind.

@@ -17,7 +17,6 @@ Run: ``python examples/learning_to_draw.py [--output learning_to_draw] [--datase
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,10 +27,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models import image_baselines  # noqa: E402
-from models.image_baselines import LadderSettings  # noqa: E402
+from ppvi.models import image_baselines  # noqa: E402
+from ppvi.models.image_baselines import LadderSettings  # noqa: E402
 
 #: Digits at small settings (seconds): for a quick look, and for the test.
 QUICK = LadderSettings(fvsbn_epochs=3, autoregressive_epochs=1, pixelcnn_channels=8, pixelcnn_layers=1,

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -47,10 +46,8 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Ellipse  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import ppvi  # noqa: E402
-from models import ppca  # noqa: E402
+from ppvi.models import ppca  # noqa: E402
 
 #: The guides compared with the exact posterior.
 GUIDES = ("meanfield", "fullrank")

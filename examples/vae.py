@@ -23,10 +23,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from models import image_baselines  # noqa: E402
-from models import vae as vae_module  # noqa: E402
 from ppvi.amortized import log_likelihood  # noqa: E402
 from ppvi.data import binarize, digits  # noqa: E402
+from ppvi.models import image_baselines  # noqa: E402
+from ppvi.models import vae as vae_module  # noqa: E402
 
 #: Hidden units for 64-pixel digits (400 is for 784-pixel MNIST).
 HIDDEN_DIM = 128

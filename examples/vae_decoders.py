@@ -32,7 +32,6 @@ Y. Burda, R. Grosse and R. Salakhutdinov (2016). Importance weighted autoencoder
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -43,11 +42,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models import vae as vae_module  # noqa: E402
 from ppvi.amortized import log_likelihood  # noqa: E402
 from ppvi.data import binarize, digits  # noqa: E402
+from ppvi.models import vae as vae_module  # noqa: E402
 
 #: The two decoders, in the order they are drawn.
 DECODERS = ("bernoulli", "gaussian")

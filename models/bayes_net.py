@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from models.autoregressive import AutoregressiveImageModel, TrainingResult, check_images, seeded, train
+from ppvi.models.autoregressive import AutoregressiveImageModel, TrainingResult, check_images, seeded, train
 
 #: Adam's step size for the FVSBN: a convex problem (logistic regressions) tolerates a large step.
 DEFAULT_LEARNING_RATE = 3e-3

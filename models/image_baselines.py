@@ -35,7 +35,7 @@ from typing import NamedTuple
 import pandas as pd
 import torch
 
-from models import ppca
+from ppvi.models import ppca
 
 #: Add-alpha smoothing of the Bernoulli probabilities: alpha = 1 is Laplace's rule of succession.
 DEFAULT_SMOOTHING = 1.0
@@ -518,10 +518,10 @@ def fit_ladder(
     -------
     list of Rung
     """
-    from models import bayes_net, pixelcnn, pixelrnn
-    from models import vae as vae_module
-    from models.autoregressive import check_images
     from ppvi.amortized import log_likelihood
+    from ppvi.models import bayes_net, pixelcnn, pixelrnn
+    from ppvi.models import vae as vae_module
+    from ppvi.models.autoregressive import check_images
 
     settings = settings or LadderSettings()
     train = check_images(train_images, name="train_images").float()

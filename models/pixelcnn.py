@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from models.autoregressive import (
+from ppvi.models.autoregressive import (
     AutoregressiveImageModel,
     MaskedConv2d,
     TrainingResult,

@@ -114,7 +114,7 @@ def load_model(spec: str) -> Callable:
     location, colon, attribute = spec.rpartition(":")
     if not colon or not location or not attribute:
         raise UsageError(
-            f"MODEL {spec!r} names no function: write package.module:function (e.g. models.fake_gaussian:model) "
+            f"MODEL {spec!r} names no function: write package.module:function (e.g. ppvi.models.fake_gaussian:model) "
             "or path/to/file.py:function"
         )
     is_file = location.endswith(".py") or "/" in location or os.sep in location

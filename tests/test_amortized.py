@@ -11,9 +11,9 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 
-from models import ppca
-from models.vae import VAE
 from ppvi.amortized import AmortizedELBO, log_likelihood
+from ppvi.models import ppca
+from ppvi.models.vae import VAE
 
 NUM_IMAGES, BATCH = 60, 16
 

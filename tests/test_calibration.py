@@ -18,9 +18,9 @@ from matplotlib.figure import Figure  # noqa: E402
 from scipy.stats import kstest, norm  # noqa: E402
 
 import ppvi  # noqa: E402
-from models import eight_schools, linear_regression  # noqa: E402
 from ppvi.calibration import ALPHA, _Engine, sbc, simultaneous_ecdf_band, vsbc  # noqa: E402
 from ppvi.initialization import batched_laplace_start  # noqa: E402
+from ppvi.models import eight_schools, linear_regression  # noqa: E402
 
 PRIOR_SD = 2.0
 NUM_POINTS = 5

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ppvi
-from models.posteriordb import POSTERIORS, load_posterior
+from ppvi.models.posteriordb import POSTERIORS, load_posterior
 
 CORRELATED = ["kidiq-kidscore_momiq", "arK-arK", "sblrc-blr"]
 
@@ -95,7 +95,7 @@ def test_reference_with_unknown_components_is_rejected():
 
 
 def test_compare_checks_its_options_and_every_guide_before_fitting():
-    from models import fake_gaussian
+    from ppvi.models import fake_gaussian
 
     y = fake_gaussian.simulate(20).double()
     with pytest.raises(ValueError, match="num_samples must be an integer of at least 1"):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import ppvi
-from models import fake_gaussian
 from ppvi import engine
+from ppvi.models import fake_gaussian
 
 
 @pytest.fixture

@@ -128,7 +128,7 @@ def test_log_weights_equal_the_draw_by_draw_ones_and_the_exact_density_minus_the
 
 
 def test_lecture_mixture_diagnoses_thousands_of_draws_in_one_pass():
-    from models import gmm
+    from ppvi.models import gmm
 
     x, _ = gmm.simulate_lecture_mixture(300, seed=0)
     fit = _laplace_fit(gmm.model, x, 2)

@@ -9,7 +9,7 @@ import numpy as np
 import scipy.sparse
 
 from examples import load_example
-from models import lda
+from ppvi.models import lda
 
 NUM_TOPICS, VOCABULARY_SIZE = 3, 40
 BETTER_THAN_UNIFORM = {"LDA": 0.6, "ProdLDA": 0.95}

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from examples import load_example  # noqa: E402
-from models.image_baselines import LadderSettings  # noqa: E402
+from ppvi.models.image_baselines import LadderSettings  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: Every rung on the digits (they have labels, so naive Bayes is in).

@@ -14,7 +14,7 @@ import torch
 from reference import fake_gaussian_quadrature, moment_errors, nuts_draws
 
 import ppvi
-from models import fake_gaussian, ppca
+from ppvi.models import fake_gaussian, ppca
 
 MEAN_TOLERANCE = 0.1  # reference sds, as the issue asks
 SD_TOLERANCE = 0.1  # relative

@@ -10,7 +10,7 @@ import torch
 from scipy import stats
 
 import ppvi
-from models import fake_gaussian
+from ppvi.models import fake_gaussian
 
 
 def _scale_model(y):

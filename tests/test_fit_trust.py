@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import ppvi
-from models import banana, eight_schools, funnel
+from ppvi.models import banana, eight_schools, funnel
 
 REFERENCE = Path(__file__).parent / "data" / "eight_schools_reference.json"
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import ppvi
-from models import fake_gaussian
 from ppvi.html import diagnosis_html, fit_html, sbc_html, vsbc_html
+from ppvi.models import fake_gaussian
 
 #: Elements without a closing tag.
 VOID_TAGS = {"br", "hr", "img", "meta", "input", "col"}

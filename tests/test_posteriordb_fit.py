@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ppvi
-from models.posteriordb import POSTERIORS, load_posterior
+from ppvi.models.posteriordb import POSTERIORS, load_posterior
 
 MEAN_TOLERANCE = 0.2  # reference sds, as the issue asks
 SD_TOLERANCE = 0.2  # relative

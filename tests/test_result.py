@@ -20,7 +20,7 @@ from pyro.ops.indexing import Vindex
 from scipy import stats
 
 import ppvi
-from models import fake_gaussian
+from ppvi.models import fake_gaussian
 
 NUM_DRAWS = 1000
 

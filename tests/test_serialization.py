@@ -13,8 +13,8 @@ import torch
 from pyro.infer.autoguide import init_to_mean
 
 import ppvi
-from models import fake_gaussian
 from ppvi import serialization
+from ppvi.models import fake_gaussian
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_file_records_what_the_fit_belongs_to(data, tmp_path):
     assert state["data_fingerprint"] == serialization.data_fingerprint(fit.args, fit.kwargs)
     assert len(state["data_fingerprint"]) == 64 and state["dtype"] == "float64" and state["guide_name"] == "meanfield"
     assert state["ppvi_version"] == serialization.ppvi_version() != ""
-    assert state["model"] == "models.fake_gaussian.model" and state["guide_class"] == "ppvi.guides.MeanFieldGuide"
+    assert state["model"] == "ppvi.models.fake_gaussian.model" and state["guide_class"] == "ppvi.guides.MeanFieldGuide"
 
 
 def test_fingerprint_ignores_device_placement_and_subsample_size_but_not_values_or_numbers():

@@ -1,4 +1,4 @@
-"""models.banana: exact moments against Monte Carlo draws of the model, the log density against the formula, and
+"""ppvi.models.banana: exact moments against Monte Carlo draws of the model, the log density against the formula, and
 broadcasting over a particle plate."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from pyro import poutine
 from scipy import stats
 
-from models import banana
+from ppvi.models import banana
 
 #: Draws behind the Monte Carlo checks.
 NUM_DRAWS = 1_000_000

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
-from models import bayes_net
+from ppvi.models import bayes_net
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""models.eight_schools: the log density against scipy, simulation, and the k-hat finding of Yao et al. (2018)."""
+"""ppvi.models.eight_schools: the log density against scipy, simulation, and the k-hat finding of Yao et al. (2018)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pyro import poutine
 from scipy import stats
 
 import ppvi
-from models import eight_schools
+from ppvi.models import eight_schools
 
 
 def _log_joint(model, values, sigma, y):

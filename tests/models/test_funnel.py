@@ -1,4 +1,4 @@
-"""models.funnel: exact moments against Monte Carlo draws of the model, the log density against the formula, and
+"""ppvi.models.funnel: exact moments against Monte Carlo draws of the model, the log density against the formula, and
 broadcasting over a particle plate."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from pyro import poutine
 from scipy import special, stats
 
-from models import funnel
+from ppvi.models import funnel
 
 #: Draws behind the Monte Carlo checks (dimension 3: v and two x, so a million draws stay small and fast).
 NUM_DRAWS = 1_000_000

@@ -21,7 +21,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 import ppvi
-from models import gmm
+from ppvi.models import gmm
 
 #: Relative tolerance of the issue for EM's final log-likelihood against scikit-learn; we get ~1e-13.
 RELATIVE_TOLERANCE = 1e-3
@@ -262,7 +262,7 @@ def test_cavi_elbo_is_the_expectation_it_defines():
 
 def test_cavi_elbo_away_from_the_coordinate_optimum():
     """With ``q(z)`` not the one the global factors came from, the ELBO formula against a Monte Carlo average."""
-    from models.gmm import _cavi_elbo, _GlobalFactors
+    from ppvi.models.gmm import _cavi_elbo, _GlobalFactors
 
     x = gmm.simulate_lecture_mixture(40, seed=3)[0].numpy()
     prior = gmm.default_prior(x, 2)

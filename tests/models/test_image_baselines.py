@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy import stats
 
-from models import image_baselines as baselines
-from models import ppca
+from ppvi.models import image_baselines as baselines
+from ppvi.models import ppca
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pyro.infer import TraceMeanField_ELBO
 from scipy import optimize, stats
 from sklearn.decomposition import LatentDirichletAllocation
 
-from models import lda
+from ppvi.models import lda
 
 NUM_DOCUMENTS, VOCABULARY_SIZE, NUM_TOPICS, DOCUMENT_LENGTH = 300, 50, 5, 100
 #: Mean total-variation distance of matched topics. For scale, on this corpus random Dirichlet(0.1) topics are

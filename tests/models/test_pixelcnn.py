@@ -12,8 +12,8 @@ import pytest
 import torch
 from scipy import stats
 
-from models import pixelcnn
-from models.autoregressive import MaskedConv2d
+from ppvi.models import pixelcnn
+from ppvi.models.autoregressive import MaskedConv2d
 
 #: Small networks (4 feature maps, 2 blocks): the properties tested do not depend on the size.
 SMALL = dict(channels=4, num_layers=2)

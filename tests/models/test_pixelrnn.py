@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import stats
 
-from models import pixelrnn
+from ppvi.models import pixelrnn
 
 #: Small networks (4 feature maps, 4 LSTM units, 2 layers): the properties tested do not depend on the size.
 SMALL = dict(channels=4, hidden=4, num_layers=2)

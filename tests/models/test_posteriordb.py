@@ -27,7 +27,7 @@ from pyro.poutine.util import site_is_subsample
 from scipy import stats
 from torch.distributions import biject_to
 
-from models.posteriordb import (
+from ppvi.models.posteriordb import (
     POSTERIORS,
     OrderedNormal,
     PosteriorCase,

@@ -11,7 +11,7 @@ from pyro import poutine
 from scipy import stats
 from sklearn.decomposition import PCA
 
-from models import ppca
+from ppvi.models import ppca
 
 NUM_POINTS, DATA_DIM, LATENT_DIM, NOISE_SCALE = 300, 6, 2, 0.5
 

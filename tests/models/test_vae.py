@@ -10,10 +10,10 @@ import torch
 from pyro import poutine
 
 import ppvi
-from models import vae as vae_module
-from models.vae import VAE, train
 from ppvi.amortized import log_likelihood
 from ppvi.data import binarize, digits
+from ppvi.models import vae as vae_module
+from ppvi.models.vae import VAE, train
 
 #: Small networks and few steps: each fit takes a few seconds on one CPU core.
 HIDDEN_DIM, LATENT_DIM, STEPS, LEARNING_RATE = 64, 8, 600, 3e-3
@@ -154,7 +154,7 @@ def test_longer_fit_beats_the_mixture_of_bernoullis(data):
     """The lecture's table in order: a VAE trained for 3000 steps on dynamically binarized digits scores a higher
     importance-sampled test log-likelihood than a 10-component mixture of Bernoullis (measured: -22.5 against
     -23.8 nats per image)."""
-    from models import image_baselines
+    from ppvi.models import image_baselines
 
     split = digits()
     _, test_images = data

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import fake_gaussian
+from ppvi.models import fake_gaussian
 
 
 @pytest.fixture(scope="module")
