@@ -30,6 +30,7 @@ calibration engine (:mod:`ppvi.calibration`, learning rates and epsilons per rep
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
@@ -387,7 +388,13 @@ def _inductor_compile(graph: torch.fx.GraphModule, example: tuple, draws: list[_
     """Compile an ATen graph with TorchInductor (``torch._inductor.compile_fx``, the one private PyTorch entry point
     ppvi uses: ``torch.compile`` would re-trace the graph through Dynamo and add guard checks to every call,
     measured at 3x the per-call cost of the compiled graph itself on a small step)."""
-    from torch._inductor.compile_fx import compile_fx
-
     inputs = [*(t.detach() for t in example), *(torch.zeros(d.shape, dtype=d.dtype, device=d.device) for d in draws)]
-    return compile_fx(graph, inputs)
+    with warnings.catch_warnings():
+        # TorchInductor (torch 2.13) calls parts of torch that torch itself has deprecated (`torch.jit.script_method`
+        # on import, `torch._prims_common.check` while lowering): warnings about torch's own code, which no user
+        # can act on, silenced while it compiles. Only torch's code runs here: the model was traced before.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(graph, inputs)
