@@ -98,7 +98,7 @@ FIGURES: tuple[Figure, ...] = (
         "non-centred one removes the funnel, and its k-hat drops (mean-field about 0.67, \"ok\"). See "
         ":doc:`../user_guide/index` for what to do with a bad k-hat.",
         snippets=(Snippet("khat_table", ("examples/eight_schools.py",)),),
-        cli="ppvi fit models.eight_schools:centered --data schools.csv --save-fit centred.pt && "
+        cli="ppvi fit ppvi.models.eight_schools:centered --data schools.csv --save-fit centred.pt && "
         "ppvi diagnose centred.pt",
     ),
     Figure(
@@ -112,7 +112,7 @@ FIGURES: tuple[Figure, ...] = (
         look_for="For an unbiased fit the histogram is symmetric about 0.5. Mean-field ADVI underestimates tau: its "
         "histogram leans right (mean p above 0.5, q too low) and the KS test flags it.",
         snippets=(Snippet("main", ("examples/eight_schools.py",)),),
-        cli="ppvi vsbc models.eight_schools:noncentered --data sigma.csv --observed y -M 1000",
+        cli="ppvi vsbc ppvi.models.eight_schools:noncentered --data sigma.csv --observed y -M 1000",
     ),
     Figure(
         slug="eight_schools_sbc",
@@ -125,7 +125,7 @@ FIGURES: tuple[Figure, ...] = (
         look_for="A curve leaving its band marks a component whose ranks are not uniform: an S shape is a guide too "
         "wide, an inverted S too narrow, a hump a shifted guide.",
         snippets=(Snippet("main", ("examples/eight_schools.py",)),),
-        cli="ppvi sbc models.eight_schools:noncentered --data sigma.csv --observed y -M 1000",
+        cli="ppvi sbc ppvi.models.eight_schools:noncentered --data sigma.csv --observed y -M 1000",
     ),
     Figure(
         slug="gmm_em_cavi_svi",
