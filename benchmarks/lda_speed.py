@@ -31,13 +31,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from gmm_lda_speed import shared_directory  # the shared data folder, found as the other topic-model benchmark finds it
 from threadpoolctl import threadpool_limits
 
 from ppvi.data import corpus as load_corpus  # noqa: E402
@@ -165,12 +165,6 @@ def corpus_rows(name: str, train, test, seed: int, every: int, repeats: int) -> 
          "time_ratio": ppvi_wall / sklearn_wall, "within_2%_s": reached_wall, "within_2%_cpu_s": reached_cpu,
          "steps": f"{ours.fit.steps} (2 % at {reached_step})", "ms_per_step": step_ms},
     ]
-
-
-def shared_directory(argument: str | None) -> Path | None:
-    candidate = argument or os.environ.get("PPVI_SHARED")
-    path = Path(candidate) if candidate else Path(__file__).resolve().parents[2] / "shared"
-    return path if path.is_dir() else None
 
 
 def main() -> None:

@@ -512,9 +512,7 @@ def _fit_one(
         )
         if step_function is not None:
             engine_used = step_function.engine
-        elif reason is not None and not isinstance(guide, str):
-            pass  # a guide of the user's: Pyro's path is the expected one, nothing to report
-        elif reason is not None:
+        elif reason is not None and isinstance(guide, str):  # a guide of the user's: Pyro's path is expected
             notes.append(f"trained through Pyro (engine 'pyro'): {reason}")
         run = training.run(
             loss_function, parameters, learning_rate=learning_rate, steps=steps, rule=rule, schedule=schedule,
