@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -33,12 +33,9 @@ import torch
 from pyro import poutine
 from torch.distributions import biject_to
 
-from ppvi import engine as engines
-from ppvi import training
+from ppvi import batched
 from ppvi.constrain import ConstrainMessenger
-from ppvi.convergence import StoppingRule, is_stationary
-from ppvi.fit import PRECONDITIONED_ADAM_EPSILON
-from ppvi.guides import DEFAULT_INIT_SCALE, MeanFieldGuide
+from ppvi.guides import MeanFieldGuide
 from ppvi.initialization import batched_laplace_start
 from ppvi.inputs import computation, prepare_arguments, resolve_device, resolve_dtype
 from ppvi.options import OptionTypeError, check_model, validate
@@ -46,6 +43,9 @@ from ppvi.summary import component_names
 from ppvi.tracing import max_plate_nesting_of as _max_plate_nesting
 from ppvi.tracing import seeded as _seeded
 from ppvi.tracing import structure_trace as _structure_trace
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 #: Significance level of the KS test behind the verdict: strict, because a VSBC table tests many components at
 #: once and Yao et al. (2018) use the KS p-value as a screening statistic, not a single confirmatory test.
@@ -110,6 +110,9 @@ class SimulationOutcome:
         ``"meanfield"`` or ``"fullrank"``.
     laplace_succeeded : numpy.ndarray
         Per replication, whether it started from (and was whitened by) its Laplace approximation.
+    shards : pandas.DataFrame
+        One row per batched run: its first replication, its number of replications, the worker that ran it
+        (``"local"`` without a cluster) and its wall time in seconds.
     """
 
     theta0: dict[str, np.ndarray]
@@ -119,6 +122,7 @@ class SimulationOutcome:
     seconds: float
     guide: str
     laplace_succeeded: np.ndarray
+    shards: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
     def num_simulations(self) -> int:
@@ -326,6 +330,8 @@ def vsbc(
     num_particles: int = 8,
     seed: int = 0,
     device: str | torch.device = "auto",
+    cluster: Client | None = None,
+    num_shards: int | None = None,
     _shift: float = 0.0,
 ) -> VSBCResult:
     """VSBC of a Gaussian ADVI guide on ``model``.
@@ -361,7 +367,16 @@ def vsbc(
     seed : int
         Seed of the simulation, the optimisation and the Monte Carlo ``p`` (the global state is restored).
     device : {"auto", "cpu", "cuda"}
-        Where to compute (float64 on the CPU, float32 on a GPU).
+        Where to compute (float64 on the CPU, float32 on a GPU); with ``cluster``, where each worker computes.
+    cluster : dask.distributed.Client, optional
+        Fit the replications on this Dask cluster (``pip install ppvi[distributed]``): they are cut into
+        ``num_shards`` contiguous shards, each one batched run on a worker (:mod:`ppvi.sharding`). The simulation
+        stays in this process. Every replication draws its noise from its own stream
+        (:class:`ppvi.batched.ReplicationStreams`), so the result equals the unsharded one for the same seed. A
+        shard whose worker dies is retried by Dask. ``result.shards`` says which worker ran which replications and
+        for how long.
+    num_shards : int, optional
+        Shards for ``cluster`` (default: one per worker). More shards balance load better; fewer vectorise more.
 
     Returns
     -------
@@ -369,13 +384,13 @@ def vsbc(
     """
     started = time.perf_counter()
     check_model(model, "ppvi.vsbc")
-    engine, loc, scale = _simulate_and_fit(
+    fields, computed, loc, scale = _simulate_and_fit(
         model, args, observed, guide, num_simulations, steps, learning_rate, num_particles, seed, device,
-        shift=_shift, compute=lambda engine, loc, scale: engine.p_values(loc, scale, guide),
+        _shift, cluster, num_shards,
     )
     sd = _marginal_sd(scale, guide)
     return VSBCResult(
-        p_values=engine.computed, **_common_fields(engine, guide, started),
+        p_values=computed, **fields, seconds=time.perf_counter() - started,
         loc=loc.double().cpu().numpy(), sd=sd.double().cpu().numpy(),
     )
 
@@ -392,6 +407,8 @@ def sbc(
     num_particles: int = 8,
     seed: int = 0,
     device: str | torch.device = "auto",
+    cluster: Client | None = None,
+    num_shards: int | None = None,
     _shift: float = 0.0,
 ) -> SBCResult:
     """Simulation-based calibration (Talts, Betancourt, Simpson, Vehtari & Gelman 2018) of a Gaussian ADVI guide.
@@ -405,7 +422,8 @@ def sbc(
 
     Parameters
     ----------
-    model, *args, observed, guide, num_simulations, steps, learning_rate, num_particles, seed, device
+    model, *args, observed, guide, num_simulations, steps, learning_rate, num_particles, seed, device, cluster
+    num_shards
         As :func:`vsbc`.
     num_draws : int
         ``L``, guide draws per replication; ranks take ``L + 1`` values. Talts et al. suggest ``L + 1`` dividing
@@ -418,22 +436,29 @@ def sbc(
     started = time.perf_counter()
     check_model(model, "ppvi.sbc")
     num_draws = validate({"num_draws": num_draws})["num_draws"]
-    engine, _, _ = _simulate_and_fit(
+    fields, computed, _, _ = _simulate_and_fit(
         model, args, observed, guide, num_simulations, steps, learning_rate, num_particles, seed, device,
-        shift=_shift, compute=lambda engine, loc, scale: engine.ranks(loc, scale, guide, num_draws),
+        _shift, cluster, num_shards, num_draws=num_draws,
     )
-    return SBCResult(ranks=engine.computed, num_draws=num_draws, **_common_fields(engine, guide, started))
+    return SBCResult(ranks=computed, num_draws=num_draws, **fields, seconds=time.perf_counter() - started)
 
 
 def _marginal_sd(scale: torch.Tensor, guide: str) -> torch.Tensor:
     return scale if guide == "meanfield" else scale.pow(2).sum(-1).sqrt()
 
 
+#: The purposes of :class:`ppvi.batched.ReplicationStreams`: separate random streams for training noise,
+#: Monte Carlo p-values and SBC draws, so that one never shifts another.
+TRAINING_STREAM, P_VALUE_STREAM, RANK_STREAM = 0, 1, 2
+
+
 def _simulate_and_fit(
-    model, args, observed, guide, num_simulations, steps, learning_rate, num_particles, seed, device, shift, compute
+    model, args, observed, guide, num_simulations, steps, learning_rate, num_particles, seed, device, shift,
+    cluster, num_shards, num_draws=None,
 ):
-    """Validate, simulate ``M`` data sets, fit all replications at once, and run ``compute(engine, loc, scale)``
-    (stored as ``engine.computed``) under the same seed, device and dtype."""
+    """Validate, simulate ``M`` data sets, fit every replication (in this process, or in shards on ``cluster``)
+    and compute p-values (``num_draws=None``) or SBC ranks; returns the result's common fields and the
+    replications' ``computed``, ``loc`` and ``scale``."""
     if not isinstance(guide, str) or guide not in ("meanfield", "fullrank"):
         raise ValueError(f"guide must be 'meanfield' or 'fullrank', got {guide!r}")
     checked = validate(
@@ -454,76 +479,179 @@ def _simulate_and_fit(
             f"got {observed!r}"
         )
     observed = list(observed)
+    if seed is None:  # one seed for every shard; drawn from (and so reproducible under) torch's global state
+        seed = int(torch.randint(2**62, ()).item())
     resolved_device = resolve_device(device)
     dtype = resolve_dtype("auto", resolved_device)
     with computation(resolved_device, dtype), _seeded(seed):
         args, _ = prepare_arguments(model, args, {}, resolved_device, dtype)
-        engine = _Engine(model, args, observed, num_simulations)
-        loc, scale = engine.optimise(guide, steps, learning_rate, num_particles)
-        with torch.no_grad():
-            loc = loc + shift * _marginal_sd(scale, guide)  # a deliberately biased guide, for tests
-            engine.computed = compute(engine, loc, scale)
-    return engine, loc, scale
+        problem = _Problem(model, args, observed)
+        theta0, data = problem.simulate(num_simulations)
+    task = _ShardTask(
+        model=model, args=args, observed=observed, guide=guide, steps=steps, learning_rate=learning_rate,
+        num_particles=num_particles, seed=seed, device=str(resolved_device), shift=shift, num_draws=num_draws,
+        prototype_data={name: value[:1] for name, value in data.items()},
+    )
+    if cluster is None:
+        outcomes = [task(0, data, theta0)]
+    else:
+        from ppvi.sharding import run_sharded
+
+        outcomes = run_sharded(cluster, task, data, theta0, num_simulations, num_shards)
+    return _gather(outcomes, theta0, data, problem, guide)
 
 
-def _common_fields(engine: _Engine, guide: str, started: float) -> dict:
-    return {
-        "theta0": {name: value.double().cpu().numpy() for name, value in engine.theta0.items()},
-        "data": {name: value.double().cpu().numpy() for name, value in engine.observed_values().items()},
-        "converged": engine.converged, "steps": engine.steps_taken, "seconds": time.perf_counter() - started,
-        "guide": guide, "laplace_succeeded": engine.laplace_succeeded,
+class _ShardTask(NamedTuple):
+    """Everything a worker needs to fit a contiguous range of replications (picklable, for Dask)."""
+
+    model: Callable
+    args: tuple
+    observed: list[str]
+    guide: str
+    steps: int | None
+    learning_rate: float
+    num_particles: int
+    seed: int
+    device: str
+    shift: float
+    num_draws: int | None
+    prototype_data: dict[str, torch.Tensor]
+
+    def __call__(self, first: int, data: dict[str, torch.Tensor], theta0: dict[str, torch.Tensor]) -> dict:
+        """Fit replications ``first .. first + len`` (global indices) and compute their p-values or ranks."""
+        started = time.perf_counter()
+        device = torch.device(self.device)
+        dtype = resolve_dtype("auto", device)
+        with computation(device, dtype), _seeded(self.seed):
+            data = {name: value.to(device) for name, value in data.items()}
+            theta0 = {name: value.to(device) for name, value in theta0.items()}
+            problem = _Problem(self.model, self.args, self.observed, self.prototype_data, self.seed)
+            replications = _Replications(problem, data, theta0, first)
+            fit, succeeded = replications.optimise(self.guide, self.steps, self.learning_rate, self.num_particles)
+            with torch.no_grad():
+                loc = fit.loc + self.shift * _marginal_sd(fit.scale, self.guide)  # a deliberately biased guide
+                if self.num_draws is None:
+                    computed = replications.p_values(loc, fit.scale, self.guide)
+                else:
+                    computed = replications.ranks(loc, fit.scale, self.guide, self.num_draws)
+        return {
+            "first": first, "computed": computed, "loc": loc.cpu(), "scale": fit.scale.cpu(),
+            "converged": fit.converged, "steps": fit.steps, "laplace_succeeded": succeeded,
+            "seconds": time.perf_counter() - started, "worker": _worker_name(),
+        }
+
+
+def _worker_name() -> str:
+    """The Dask worker running this task, or ``"local"``."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return "local"
+
+
+def _gather(outcomes: list[dict], theta0, data, problem: _Problem, guide: str):
+    """Concatenate the shards' outcomes (in replication order) into the result's fields."""
+    outcomes = sorted(outcomes, key=lambda outcome: outcome["first"])
+
+    def joined(key):
+        return np.concatenate([outcome[key] for outcome in outcomes])
+
+    computed = {name: np.concatenate([outcome["computed"][name] for outcome in outcomes])
+                for name in outcomes[0]["computed"]}
+    loc = torch.cat([outcome["loc"] for outcome in outcomes])
+    scale = torch.cat([outcome["scale"] for outcome in outcomes])
+    shards = pd.DataFrame({
+        "first": [outcome["first"] for outcome in outcomes],
+        "replications": [len(outcome["converged"]) for outcome in outcomes],
+        "worker": [outcome["worker"] for outcome in outcomes],
+        "seconds": [outcome["seconds"] for outcome in outcomes],
+    })
+    fields = {
+        "theta0": {name: value.double().cpu().numpy() for name, value in theta0.items()},
+        "data": {name: value.double().cpu().numpy().reshape(value.shape[0], *problem.observed_shapes[name])
+                 for name, value in data.items()},
+        "converged": joined("converged"), "steps": joined("steps"), "guide": guide,
+        "laplace_succeeded": joined("laplace_succeeded"), "shards": shards,
     }
+    return fields, computed, loc, scale
 
 
-class _Engine:
-    """Simulation, the batched optimisation and the ``p`` computation of :func:`vsbc`."""
+class _Problem:
+    """The model, its plates and its flat latent layout (a :class:`ppvi.guides.MeanFieldGuide` prototype)."""
 
-    def __init__(self, model: Callable, args: tuple, observed: list[str], M: int):
-        self.model, self.args, self.observed, self.M = model, args, observed, M
+    def __init__(self, model: Callable, args: tuple, observed: list[str], prototype_data=None, seed=None):
+        self.model, self.args, self.observed, self.seed = model, args, observed, seed
         structure = _structure_trace(model, args, {})
         missing = [name for name in observed if name not in structure.nodes]
         if missing:
             raise ValueError(f"observed site(s) {missing} not found in the model")
-        self.max_plate_nesting = mpn = _max_plate_nesting(structure)
-        self.replications = pyro.plate("_ppvi_replications", M, dim=-(mpn + 1))
-        with torch.no_grad(), poutine.block(), self.replications:
-            simulation = poutine.trace(_Uncondition(observed)(model)).get_trace(*args)
-        shapes = {name: tuple(structure.nodes[name]["value"].shape) for name in observed}
-        # (M, 1, ..., 1, *site shape): the replication dim, then the model's own plates.
-        self.data = {name: simulation.nodes[name]["value"].detach() for name in observed}
-        self.observed_shapes = shapes
-        conditioned = poutine.condition(model, data={name: value[0] for name, value in self.observed_values().items()})
-        self.prototype = MeanFieldGuide(conditioned)
-        with poutine.block(), torch.no_grad():
-            self.prototype(*args)
-        self.latent_dim = self.prototype.latent_dim
-        self.init_loc = self.prototype.preconditioner_loc.detach().clone()
-        self.sites = {
-            name: site for name, site in self.prototype.prototype_trace.iter_stochastic_nodes()
-        }
-        self.theta0 = {
+        self.max_plate_nesting = _max_plate_nesting(structure)
+        self.observed_shapes = {name: tuple(structure.nodes[name]["value"].shape) for name in observed}
+        if prototype_data is not None:
+            self.build_prototype(prototype_data, seed)
+
+    def simulate(self, M: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``theta0`` and the observed sites of ``M`` prior predictive draws, one vectorised trace. Builds the
+        prototype on the first replication's data. Data have shape ``(M, 1, ..., 1, *site shape)``: the
+        replication dim, then the model's own plates."""
+        replications = pyro.plate("_ppvi_replications", M, dim=-(self.max_plate_nesting + 1))
+        with torch.no_grad(), poutine.block(), replications:
+            simulation = poutine.trace(_Uncondition(self.observed)(self.model)).get_trace(*self.args)
+        data = {name: simulation.nodes[name]["value"].detach() for name in self.observed}
+        self.build_prototype({name: value[:1] for name, value in data.items()}, None)
+        theta0 = {
             name: simulation.nodes[name]["value"].detach().reshape(M, *site["value"].shape)
             for name, site in self.sites.items()
         }
+        return theta0, data
+
+    def build_prototype(self, first_data: dict[str, torch.Tensor], seed: int | None) -> None:
+        """The flat latent layout and the prior-median start, from the model conditioned on ``first_data`` (the
+        first replication's data) under ``seed``: the same on every worker."""
+        values = {name: value.reshape(self.observed_shapes[name]) for name, value in first_data.items()}
+        self.prototype = MeanFieldGuide(poutine.condition(self.model, data=values))
+        with poutine.block(), torch.no_grad(), _seeded(seed):
+            self.prototype(*self.args)
+        self.latent_dim = self.prototype.latent_dim
+        self.init_loc = self.prototype.preconditioner_loc.detach().clone()
+        self.sites = {name: site for name, site in self.prototype.prototype_trace.iter_stochastic_nodes()}
+
+
+class _Replications:
+    """``M`` simulated replications of a :class:`_Problem` (global indices ``first .. first + M``): their log
+    joint, the batched fit (:mod:`ppvi.batched`), and their p-values and ranks."""
+
+    def __init__(self, problem: _Problem, data: dict, theta0: dict, first: int = 0):
+        self.problem, self.data, self.theta0 = problem, data, theta0
+        self.M = next(iter(theta0.values())).shape[0]
+        self.index = torch.arange(first, first + self.M)
+        self.latent_dim, self.max_plate_nesting = problem.latent_dim, problem.max_plate_nesting
 
     def observed_values(self) -> dict[str, torch.Tensor]:
-        return {name: value.reshape(self.M, *self.observed_shapes[name]) for name, value in self.data.items()}
+        return {name: value.reshape(self.M, *self.problem.observed_shapes[name]) for name, value in self.data.items()}
 
     # -- the objective -------------------------------------------------------------------------------------------
     def _unpack(self, z: torch.Tensor) -> dict[str, tuple[dict, torch.Tensor]]:
         """``z`` of shape ``(*batch, M, D)`` -> per site, unconstrained values of shape ``(*batch, M, 1.., *)``."""
         batch = z.shape[:-1]
         shaped = z.reshape(*batch, *(1,) * self.max_plate_nesting, self.latent_dim)
-        return {site["name"]: (site, value) for site, value in self.prototype._unpack_latent(shaped)}
+        return {site["name"]: (site, value) for site, value in self.problem.prototype._unpack_latent(shaped)}
 
-    def _constrained_run(self, z: torch.Tensor) -> tuple[poutine.Trace, ConstrainMessenger]:
-        """The model run on ``z`` of shape ``(S, M, D)``, each site constrained by the support of its own run."""
-        S, M = z.shape[0], z.shape[1]
-        messenger = ConstrainMessenger({name: value for name, (_, value) in self._unpack(z).items()}, (S, M))
+    def _constrained_run(self, z: torch.Tensor, data: dict) -> tuple[poutine.Trace, ConstrainMessenger]:
+        """The model run on ``z`` of shape ``(S, A, D)``, each site constrained by the support of its own run
+        (:mod:`ppvi.constrain`: bounds that depend on other sites), conditioned on ``data`` ``(A, ...)``."""
+        S, A = z.shape[0], z.shape[1]
+        messenger = ConstrainMessenger({name: value for name, (_, value) in self._unpack(z).items()}, (S, A))
         particles = pyro.plate("_ppvi_particles", S, dim=-(self.max_plate_nesting + 2))
-        replications = pyro.plate("_ppvi_replications", M, dim=-(self.max_plate_nesting + 1))
+        replications = pyro.plate("_ppvi_replications", A, dim=-(self.max_plate_nesting + 1))
+        # Without argument validation: one replication's out-of-support value (a Newton trial step, an early Adam
+        # step) must give that replication a non-finite log density, which is handled per replication, not an
+        # exception that stops all M.
         with particles, replications, pyro.validation_enabled(False):
-            trace = poutine.trace(poutine.condition(messenger(self.model), data=self.data)).get_trace(*self.args)
+            model = poutine.condition(messenger(self.problem.model), data=data)
+            trace = poutine.trace(model).get_trace(*self.problem.args)
         return trace, messenger
 
     @functools.cached_property
@@ -534,7 +662,7 @@ class _Engine:
         supports = []
         for level in (-1.0, 1.0):
             point = torch.full((1, self.M, self.latent_dim), level, dtype=like.dtype, device=like.device)
-            trace, _ = self._constrained_run(point)
+            trace, _ = self._constrained_run(point, self.data)
             supports.append({name: str(trace.nodes[name]["fn"].support) for name in self.theta0})
         return frozenset(name for name in self.theta0 if supports[0][name] != supports[1][name])
 
@@ -543,187 +671,63 @@ class _Engine:
         :attr:`dependent_sites`, by the support of its own run."""
         values = {name: biject_to(site["fn"].support)(value) for name, (site, value) in self._unpack(z).items()}
         if self.dependent_sites:
-            _, messenger = self._constrained_run(z)
+            _, messenger = self._constrained_run(z, self.data)
             values.update({name: messenger.values[name] for name in self.dependent_sites})
         return values
 
-    def _per_replication(self, log_prob: torch.Tensor, batch: tuple[int, ...]) -> torch.Tensor:
-        mpn = self.max_plate_nesting
-        if mpn and log_prob.dim() >= mpn:
-            log_prob = log_prob.sum(dim=tuple(range(-mpn, 0)))
-        return log_prob.broadcast_to(batch)
-
     def log_joint(self, z: torch.Tensor, replications: torch.Tensor | None = None) -> torch.Tensor:
         """``log p(y_m, T(z)) + log|det J_T(z)|`` for ``z`` of shape ``(S, A, D)``: shape ``(S, A)``, where the
-        ``A`` replications are those indexed by ``replications`` (default: all ``M``)."""
-        S, A = z.shape[0], z.shape[1]
-        batch = (S, A)
+        ``A`` replications are those at positions ``replications`` (default: all ``M``)."""
+        batch = z.shape[:2]
         data = self.data if replications is None else {name: value[replications] for name, value in self.data.items()}
-        # Each site constrained by the support of its own run (ppvi.constrain: bounds that depend on other sites).
-        messenger = ConstrainMessenger(
-            {name: unconstrained for name, (_, unconstrained) in self._unpack(z).items()}, batch
-        )
-        particles = pyro.plate("_ppvi_particles", S, dim=-(self.max_plate_nesting + 2))
-        replications = pyro.plate("_ppvi_replications", A, dim=-(self.max_plate_nesting + 1))
-        # Without argument validation: one replication's out-of-support value (a Newton trial step, an early Adam
-        # step) must give that replication a non-finite log density, which is handled per replication, not an
-        # exception that stops all M.
-        with particles, replications, pyro.validation_enabled(False):
-            trace = poutine.trace(poutine.condition(messenger(self.model), data=data)).get_trace(*self.args)
-            trace.compute_log_prob()
+        trace, messenger = self._constrained_run(z, data)
+        trace.compute_log_prob()
         total = messenger.log_abs_det_jacobian
+        mpn = self.max_plate_nesting
         for site in trace.nodes.values():
             if site["type"] == "sample":
-                total = total + self._per_replication(site["log_prob"], batch)
+                log_prob = site["log_prob"]
+                if mpn and log_prob.dim() >= mpn:
+                    log_prob = log_prob.sum(dim=tuple(range(-mpn, 0)))
+                total = total + log_prob.broadcast_to(batch)
         return total
 
-    # -- Laplace start -------------------------------------------------------------------------------------------
     def negative_log_joint(self, z: torch.Tensor) -> torch.Tensor:
         """``-(log p(y_m, T(z_m)) + log|det J|)`` for ``z`` of shape ``(M, D)``: shape ``(M,)``."""
         return -self.log_joint(z.unsqueeze(0)).squeeze(0)
 
     # -- optimisation --------------------------------------------------------------------------------------------
     def optimise(self, guide: str, steps: int | None, learning_rate: float, num_particles: int):
-        """Train all replications; returns the (Polyak-averaged) ``loc`` ``(M, D)`` and scale (``(M, D)`` sds or
-        ``(M, D, D)`` Cholesky factors). Sets ``converged``, ``steps_taken`` and ``losses`` (NaN once frozen).
+        """Train all replications (:func:`ppvi.batched.run`) from their batched Laplace start; returns the
+        :class:`ppvi.batched.BatchedFit` and, per replication, whether its Laplace start succeeded.
 
-        The batch shrinks as replications freeze: only active replications are simulated, differentiated and
-        updated, so the cost of a step falls with the number still training.
+        Each replication is trained in the whitened coordinates of its own Laplace approximation, where its
+        posterior is about N(0, I): one learning rate then suits replications whose posteriors differ by orders
+        of magnitude in scale. Replications without a usable mode start at the prior median with scale 0.1.
         """
         M, D = self.M, self.latent_dim
-        # Each replication is trained in the whitened coordinates w of its own Laplace approximation,
-        # z = center + factor @ w (a diagonal factor for mean-field, which keeps the family mean-field), where its
-        # posterior is about N(0, I): one learning rate then suits replications whose posteriors differ by orders
-        # of magnitude in scale. Replications without a usable mode start at the prior median with scale 0.1.
         start = batched_laplace_start(
-            self.negative_log_joint, self.init_loc.expand(M, D), "diagonal" if guide == "meanfield" else "full"
+            self.negative_log_joint, self.problem.init_loc.expand(M, D), "diagonal" if guide == "meanfield" else "full"
         )
-        self.laplace_succeeded = start.succeeded.cpu().numpy()
-        center, factor = start.center, start.factor
-        raw_unit = math.log(math.expm1(1.0))  # softplus^{-1}(1): q = N(0, I) in whitened coordinates
-        raw_fallback = math.log(math.expm1(DEFAULT_INIT_SCALE))
-        raw_init = torch.where(start.succeeded, torch.tensor(raw_unit), torch.tensor(raw_fallback))
-        parameters = [torch.zeros(M, D), raw_init.unsqueeze(-1).expand(M, D).clone()]
-        if guide == "fullrank":
-            parameters.append(torch.zeros(M, D, D))
-        # Adam's epsilon as ppvi.fit uses it: 0.1 in whitened coordinates (PRECONDITIONED_ADAM_EPSILON), Adam's own
-        # 1e-8 in raw ones.
-        epsilon_of = torch.where(start.succeeded, torch.tensor(PRECONDITIONED_ADAM_EPSILON), torch.tensor(1e-8))
-        adam = engines.adam_init(parameters)
-        active = torch.arange(M)  # global indices of the replications still training
-        strictly_lower = torch.ones(D, D).tril(-1)
-
-        def scale_of(raw_scale, *rest):
-            diagonal = torch.nn.functional.softplus(raw_scale)
-            if guide == "meanfield":
-                return diagonal
-            return torch.diag_embed(diagonal) + rest[0] * strictly_lower
-
-        def unwhiten(loc, scale, replications):
-            if guide == "meanfield":
-                return center[replications] + factor[replications] * loc, factor[replications] * scale
-            lower = factor[replications]
-            return center[replications] + (lower @ loc.unsqueeze(-1)).squeeze(-1), lower @ scale
-
-        window = StoppingRule().window
-        rule = StoppingRule(window=window)
-        max_steps = steps if steps is not None else DEFAULT_MAX_STEPS
-        losses = np.full((max_steps, M), np.nan)
-        final_loc = torch.zeros(M, D)
-        final_scale = torch.zeros(M, D) if guide == "meanfield" else torch.zeros(M, D, D)
-        block_loc, block_scale, block_count = None, None, 0
-        self.steps_taken = np.full(M, max_steps)
-        converged = np.zeros(M, dtype=bool)
-        stage, stage_start = np.zeros(M, dtype=int), np.zeros(M, dtype=int)
-        step_factor = torch.full((M,), training.STAGES[0])
-        for step in range(max_steps):
-            leaves = [parameter.detach().requires_grad_(True) for parameter in parameters]
-            loc, scale = leaves[0], scale_of(*leaves[1:])
-            epsilon = torch.randn(num_particles, len(active), D)
-            # Path-derivative estimator (Roeder et al. 2017): log q with its parameters detached. The constant
-            # log|det factor| of the change of variables is left out of the loss.
-            if guide == "meanfield":
-                w = loc + scale * epsilon
-                log_q = torch.distributions.Normal(loc.detach(), scale.detach()).log_prob(w).sum(-1)
-                z = center[active] + factor[active] * w
-            else:
-                w = loc + (scale @ epsilon.unsqueeze(-1)).squeeze(-1)
-                log_q = torch.distributions.MultivariateNormal(
-                    loc.detach(), scale_tril=scale.detach(), validate_args=False
-                ).log_prob(w)
-                z = center[active] + (factor[active] @ w.unsqueeze(-1)).squeeze(-1)
-            per_replication = (log_q - self.log_joint(z, active)).mean(0)
-            finite = torch.isfinite(per_replication)
-            loss = torch.where(finite, per_replication, torch.zeros_like(per_replication)).sum()
-            gradients = torch.autograd.grad(loss, leaves)
-            with torch.no_grad():
-                parameters, adam = engines.adam_update(
-                    [leaf.detach() for leaf in leaves],
-                    [gradient.nan_to_num(0.0, 0.0, 0.0) for gradient in gradients],
-                    adam,
-                    learning_rate * step_factor[active],
-                    epsilon_of[active],
-                )
-                parameters = list(parameters)
-                losses[step, active.cpu().numpy()] = per_replication.detach().double().cpu().numpy()
-                current_loc, current_scale = unwhiten(parameters[0], scale_of(*parameters[1:]), active)
-                if block_count == 0:
-                    block_loc, block_scale = current_loc.clone(), current_scale.clone()
-                else:
-                    block_loc += current_loc
-                    block_scale += current_scale
-                block_count += 1
-                if (step + 1) % window != 0 and step + 1 != max_steps:
-                    continue
-                average_loc, average_scale = block_loc / block_count, block_scale / block_count
-                block_count = 0
-                positions = np.arange(len(active))  # positions in the active batch
-                global_index = active.cpu().numpy()
-                if step + 1 == max_steps:
-                    newly = positions
-                elif steps is None:
-                    trace = losses[: step + 1]
-                    stationary = [
-                        i for i, m in zip(positions, global_index, strict=True)
-                        if np.isfinite(trace[-2 * window :, m]).all()
-                        and is_stationary(trace[stage_start[m] :, m], rule)
-                    ]
-                    # At a stationary point, the next of ppvi.training's STAGES; after the last, done.
-                    stationary = np.asarray(stationary, dtype=int)
-                    advanced, finished = training.advance_stages(stage[global_index[stationary]])
-                    moving = stationary[~finished]
-                    stage[global_index[moving]] = advanced[~finished]
-                    stage_start[global_index[moving]] = step + 1
-                    step_factor[torch.as_tensor(global_index[moving], dtype=torch.long)] = torch.as_tensor(
-                        [training.STAGES[k] for k in advanced[~finished]], dtype=step_factor.dtype
-                    )
-                    newly = np.sort(stationary[finished])
-                    converged[global_index[newly]] = True
-                else:
-                    newly = np.zeros(0, dtype=int)
-                if len(newly) == 0:
-                    continue
-                frozen = torch.as_tensor(global_index[newly], dtype=torch.long)
-                newly_positions = torch.as_tensor(newly, dtype=torch.long)
-                final_loc[frozen] = average_loc[newly_positions]
-                final_scale[frozen] = average_scale[newly_positions]
-                self.steps_taken[global_index[newly]] = step + 1
-                keep = torch.ones(len(active), dtype=torch.bool)
-                keep[newly_positions] = False
-                if not keep.any():
-                    break
-                active = active[keep]
-                parameters = [parameter[keep] for parameter in parameters]
-                adam = engines.keep_replications(adam, keep)
-        self.converged = converged
-        self.losses = losses[: step + 1]
-        return final_loc, final_scale
+        like = start.center
+        streams = batched.ReplicationStreams(self.problem.seed, TRAINING_STREAM, like.device, like.dtype)
+        fit = batched.run(
+            self.log_joint, start, guide, max_steps=steps if steps is not None else DEFAULT_MAX_STEPS,
+            stopping=steps is None, learning_rate=learning_rate, num_particles=num_particles, streams=streams,
+            replication_index=self.index,
+        )
+        return fit, start.succeeded.cpu().numpy()
 
     # -- calibration ---------------------------------------------------------------------------------------------
+    def _guide_draws(self, loc, scale, guide, count: int, purpose: int) -> torch.Tensor:
+        """``count`` unconstrained draws ``(count, M, D)`` of each replication's guide, from its own stream."""
+        streams = batched.ReplicationStreams(self.problem.seed, purpose, loc.device, loc.dtype)
+        epsilon = streams.normal((count,), self.index, (self.latent_dim,))
+        return batched.transform(guide, loc, scale, epsilon)
+
     def p_values(self, loc: torch.Tensor, scale: torch.Tensor, guide: str) -> dict[str, np.ndarray]:
         """``P_q(theta < theta0)`` per site: exact for elementwise monotone transforms, else from guide draws."""
-        M = self.M
-        sd = scale if guide == "meanfield" else scale.pow(2).sum(-1).sqrt()
+        sd = _marginal_sd(scale, guide)
         unpacked_loc = self._unpack(loc)
         unpacked_sd = self._unpack(sd)
         draws = None
@@ -739,8 +743,7 @@ class _Engine:
                 p = torch.special.ndtr(standardized if sign > 0 else -standardized)
             else:
                 if draws is None:
-                    epsilon = torch.randn(MONTE_CARLO_DRAWS, M, self.latent_dim)
-                    z = loc + (scale * epsilon if guide == "meanfield" else (scale @ epsilon.unsqueeze(-1)).squeeze(-1))
+                    z = self._guide_draws(loc, scale, guide, MONTE_CARLO_DRAWS, P_VALUE_STREAM)
                     draws = self._draw_values(z)
                 value = draws[name].reshape(MONTE_CARLO_DRAWS, *theta0.shape)
                 p = (value < theta0).double().mean(0)
@@ -748,12 +751,15 @@ class _Engine:
         return result
 
     def ranks(self, loc: torch.Tensor, scale: torch.Tensor, guide: str, num_draws: int) -> dict[str, np.ndarray]:
-        """SBC ranks ``#{l : theta_l < theta0}`` of ``num_draws`` independent guide draws, per site."""
-        counts = {name: torch.zeros(value.shape, dtype=torch.long) for name, value in self.theta0.items()}
+        """SBC ranks ``#{l : theta_l < theta0}`` of ``num_draws`` independent guide draws, per site (drawn in
+        chunks of :data:`RANK_CHUNK` to bound memory)."""
+        counts = {name: torch.zeros(value.shape, dtype=torch.long, device=value.device)
+                  for name, value in self.theta0.items()}
+        streams = batched.ReplicationStreams(self.problem.seed, RANK_STREAM, loc.device, loc.dtype)
         for first in range(0, num_draws, RANK_CHUNK):
             chunk = min(RANK_CHUNK, num_draws - first)
-            epsilon = torch.randn(chunk, self.M, self.latent_dim)
-            z = loc + (scale * epsilon if guide == "meanfield" else (scale @ epsilon.unsqueeze(-1)).squeeze(-1))
+            epsilon = streams.normal((chunk,), self.index, (self.latent_dim,))
+            z = batched.transform(guide, loc, scale, epsilon)
             for name, value in self._draw_values(z).items():
                 theta0 = self.theta0[name]
                 counts[name] += (value.reshape(chunk, *theta0.shape) < theta0).sum(0)

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from scipy.stats import kstest, norm  # noqa: E402
 
 import ppvi  # noqa: E402
-from ppvi.calibration import ALPHA, _Engine, sbc, simultaneous_ecdf_band, vsbc  # noqa: E402
+from ppvi.calibration import ALPHA, _Problem, _Replications, sbc, simultaneous_ecdf_band, vsbc  # noqa: E402
 from ppvi.initialization import batched_laplace_start  # noqa: E402
 from ppvi.models import eight_schools, linear_regression  # noqa: E402
 
@@ -167,8 +167,12 @@ def test_step_cap_stops_unconverged_replications(monkeypatch):
 def test_batched_laplace_start_is_the_exact_posterior_of_a_gaussian_model(float64_default):
     # Outside reference: the conjugate regression posterior; the Laplace approximation of a Gaussian is exact.
     M = 5
-    engine = _Engine(regression, (torch.as_tensor(X),), ["y"], M)
-    start = batched_laplace_start(engine.negative_log_joint, engine.init_loc.expand(M, engine.latent_dim), "full")
+    problem = _Problem(regression, (torch.as_tensor(X),), ["y"])
+    theta0, data = problem.simulate(M)
+    problem.build_prototype({name: value[:1] for name, value in data.items()}, seed=0)
+    engine = _Replications(problem, data, theta0)
+    initial = engine.problem.init_loc.expand(M, engine.latent_dim)
+    start = batched_laplace_start(engine.negative_log_joint, initial, "full")
     design = np.stack([np.ones_like(X), X], axis=1)
     covariance = np.linalg.inv(np.eye(2) / PRIOR_SD**2 + design.T @ design)
     y = engine.observed_values()["y"].numpy()
