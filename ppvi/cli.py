@@ -18,10 +18,12 @@ far as ``import ppvi`` allows); the API is imported when a command runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import inspect
 import json
+import logging
 import os
 import sys
 import traceback
@@ -153,11 +155,15 @@ def load_model(spec: str) -> Callable:
     return target
 
 
+#: Module names of model files loaded by path (``ppvi fit my_model.py:model``).
+_FILE_MODULE_PREFIX = "ppvi_cli_model_"
+
+
 def _import_file(path: Path):
     folder = str(path.resolve().parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)
-    name = f"ppvi_cli_model_{abs(hash(str(path.resolve())))}"
+    name = f"{_FILE_MODULE_PREFIX}{abs(hash(str(path.resolve())))}"
     specification = importlib.util.spec_from_file_location(name, path)
     if specification is None or specification.loader is None:
         raise UsageError(f"MODEL file {str(path)!r} cannot be imported as Python: name a .py file")
@@ -569,17 +575,27 @@ def _command_calibration(arguments: argparse.Namespace, console: _Console) -> in
             "give the model a positional parameter for them"
         )
     options = dict(observed=arguments.observed, guide=arguments.guide, num_simulations=arguments.num_simulations,
-                   steps=arguments.steps, seed=arguments.seed, device=arguments.device)
-    console.status(f"{kind.upper()}: simulating {arguments.num_simulations} data sets from {arguments.model} and "
-                   f"fitting them all in one vectorized optimisation (no per-step progress)")
-    if kind == "vsbc":
-        result = ppvi.vsbc(model, *args, **options)
-        table, good = result.to_dataframe(), "symmetric"
-    else:
-        result = ppvi.sbc(model, *args, num_draws=arguments.num_draws, **options)
-        table, good = result.to_dataframe(), "uniform"
+                   steps=arguments.steps, seed=arguments.seed, device=arguments.device,
+                   num_shards=arguments.num_shards)
+    with _dask_client(arguments, console) as client:
+        if client is not None and model.__module__.startswith(_FILE_MODULE_PREFIX):
+            import cloudpickle  # Dask's serializer
+
+            # A model file is not importable on the workers: send its module by value, as Dask sends __main__.
+            cloudpickle.register_pickle_by_value(sys.modules[model.__module__])
+        where = "in one vectorized optimisation" if client is None else "in shards on the Dask cluster"
+        console.status(f"{kind.upper()}: simulating {arguments.num_simulations} data sets from {arguments.model} "
+                       f"and fitting them all {where} (no per-step progress)")
+        if kind == "vsbc":
+            result = ppvi.vsbc(model, *args, cluster=client, **options)
+            table, good = result.to_dataframe(), "symmetric"
+        else:
+            result = ppvi.sbc(model, *args, num_draws=arguments.num_draws, cluster=client, **options)
+            table, good = result.to_dataframe(), "uniform"
     console.result(f"{kind.upper()} of {result.guide} ADVI: {result.num_simulations} replications, "
                    f"{result.num_converged} converged, {result.seconds:.1f} s")
+    if client is not None:
+        console.result(_table(result.shards.set_index("first")))
     console.result(_table(table))
     if arguments.csv:
         table.to_csv(arguments.csv)
@@ -680,6 +696,36 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
                        help="show the progress bar even when stderr is not a terminal")
 
 
+@contextlib.contextmanager
+def _dask_client(arguments: argparse.Namespace, console: _Console):
+    """A Dask client for ``--scheduler ADDRESS`` or ``--workers N`` (a local cluster of N processes, closed
+    afterwards), else ``None``."""
+    if arguments.scheduler is None and arguments.workers is None:
+        if arguments.num_shards is not None:
+            raise UsageError("--num-shards needs a Dask cluster: add --workers N or --scheduler ADDRESS")
+        yield None
+        return
+    if arguments.scheduler is not None and arguments.workers is not None:
+        raise UsageError("give --scheduler ADDRESS (a running cluster) or --workers N (a local one), not both")
+    if arguments.workers is not None and arguments.workers < 1:
+        raise UsageError(f"--workers must be a positive integer, got {arguments.workers}")
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as error:
+        raise UsageError(
+            "--scheduler and --workers need Dask's distributed scheduler: pip install 'ppvi[distributed]'"
+        ) from error
+    if arguments.scheduler is not None:
+        console.status(f"connecting to the Dask scheduler at {arguments.scheduler}")
+        with Client(arguments.scheduler, timeout="30s") as client:
+            yield client
+        return
+    console.status(f"starting a local Dask cluster of {arguments.workers} worker processes")
+    with LocalCluster(n_workers=arguments.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        yield client
+
+
 def _calibration_options(parser: argparse.ArgumentParser, kind: str) -> None:
     _model_options(parser)
     parser.add_argument("--observed", nargs="+", required=True, metavar="SITE",
@@ -690,6 +736,14 @@ def _calibration_options(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--steps", type=int, help="train every replication this many steps (default: its own rule)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    cluster = parser.add_argument_group("cluster (pip install 'ppvi[distributed]')")
+    cluster.add_argument("--scheduler", metavar="ADDRESS",
+                         help="fit the replications in shards on the Dask cluster whose scheduler is at ADDRESS "
+                              "(e.g. tcp://10.0.0.5:8786)")
+    cluster.add_argument("--workers", type=int, metavar="N",
+                         help="fit the replications in shards on a local Dask cluster of N worker processes")
+    cluster.add_argument("--num-shards", type=int, metavar="K",
+                         help="shards of replications (default: one per worker); the result is the same")
     if kind == "sbc":
         parser.add_argument("-L", "--num-draws", type=int, default=99,
                             help="guide draws per replication; ranks take L + 1 values (default 99)")

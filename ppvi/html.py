@@ -152,13 +152,17 @@ def diagnosis_html(diagnosis: Diagnosis) -> str:
 
 
 def _calibration_fields(result: VSBCResult | SBCResult) -> list[tuple[str, Any]]:
-    return [
+    rows = [
         ("guide", result.guide),
         ("replications", result.num_simulations),
         ("converged", f"{result.num_converged} of {result.num_simulations}"),
         ("Laplace starts", f"{int(result.laplace_succeeded.sum())} of {result.num_simulations}"),
         ("seconds", float(result.seconds)),
     ]
+    shards = getattr(result, "shards", None)
+    if shards is not None and len(shards) and set(shards["worker"]) != {"local"}:
+        rows.append(("Dask shards", f"{len(shards)} on {shards['worker'].nunique()} workers"))
+    return rows
 
 
 def _verdict_counts(table: pd.DataFrame) -> str:

@@ -78,6 +78,12 @@ def run_sharded(
         Passed to ``Client.submit``.
     """
     client = _client(cluster)
+    import cloudpickle  # Dask's own serializer of functions
+
+    # Dask pickles a task with the standard pickle when it can, which sends the model by reference; cloudpickle
+    # honours cloudpickle.register_pickle_by_value, which is how a model from a script file (not importable on
+    # the workers) travels by value.
+    payload = cloudpickle.dumps(task)
     if num_shards is None:
         num_shards = max(1, len(client.scheduler_info()["workers"]))
     futures = []
@@ -85,7 +91,22 @@ def run_sharded(
         shard_data = {name: value[first:stop].cpu() for name, value in data.items()}
         shard_theta0 = {name: value[first:stop].cpu() for name, value in theta0.items()}
         futures.append(
-            client.submit(task, first, shard_data, shard_theta0, retries=retries, pure=False,
+            client.submit(_run_payload, payload, first, shard_data, shard_theta0, retries=retries, pure=False,
                           key=f"ppvi-shard-{first}-{stop}-{id(task)}")
         )
     return client.gather(futures)
+
+
+def _run_payload(payload: bytes, first: int, data: dict, theta0: dict) -> dict:
+    """On a worker: unpickle the task and run it on one shard."""
+    import pickle
+
+    try:
+        task = pickle.loads(payload)
+    except (ModuleNotFoundError, AttributeError) as error:
+        raise RuntimeError(
+            f"a Dask worker cannot load the model: {error}. Install the model's module on every worker (pip install "
+            "it, or put it on the workers' PYTHONPATH), or send it by value: "
+            "cloudpickle.register_pickle_by_value(the_module) before calling ppvi.vsbc/ppvi.sbc"
+        ) from error
+    return task(first, data, theta0)

@@ -326,6 +326,22 @@ def test_vsbc_at_small_m_prints_the_table_and_draws_the_figure(workspace, tmp_pa
     assert "wrote vsbc.png" in result.stderr
 
 
+def test_vsbc_on_a_local_dask_cluster_equals_the_run_in_one_process(workspace, tmp_path):
+    common = ("vsbc", str(workspace / "gauss_model.py") + ":model", "--observed", "y", "-M", "70", "--steps",
+              "100", "--set", "num_points=20", "--seed", "5", "--device", "cpu", "--no-figure", "--quiet")
+    alone = run(*common, "--csv", "alone.csv", cwd=tmp_path)
+    sharded = run(*common, "--workers", "2", "--csv", "sharded.csv", cwd=tmp_path)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "sharded.csv"), pd.read_csv(tmp_path / "alone.csv"))
+    assert "replications" in sharded.stdout and "worker" in sharded.stdout  # the shards' table: 64 + 6
+    assert "replications" not in alone.stdout.splitlines()[1]
+
+
+def test_num_shards_without_a_cluster_is_a_usage_error(workspace, tmp_path):
+    result = run("vsbc", str(workspace / "gauss_model.py") + ":model", "--observed", "y", "--num-shards", "2",
+                 cwd=tmp_path, expect=2)
+    assert "--num-shards needs a Dask cluster: add --workers N or --scheduler ADDRESS" in error_line(result)
+
+
 @pytest.mark.slow
 def test_sbc_with_check_exits_0_or_3_by_its_verdicts(workspace, tmp_path):
     result = run(
