@@ -189,16 +189,40 @@ class MeanFieldGuide(PreconditionedGuide):
 
 
 class FullRankGuide(PreconditionedGuide):
-    """A multivariate normal with a dense covariance on the unconstrained coordinates (full-rank ADVI)."""
+    """A multivariate normal with a dense covariance on the unconstrained coordinates (full-rank ADVI).
+
+    The whitened Cholesky factor is ``diag(scale) (I + diag(c) V)``, ``V`` the strictly lower part of the
+    ``scale_tril`` parameter and ``c_i = 1 / sqrt(max(i, 1))`` for row ``i`` (counted from 0), which has ``i``
+    entries (the buffer ``factor_row_scale``). Adam moves every entry by about the learning rate per step whatever its
+    gradient, so without ``c`` row ``i`` of the factor moves by ``sqrt(i)`` times the learning rate, in directions set
+    mostly by Monte Carlo noise (the gradient of the factor is an outer product of two ``d``-vectors, ``sqrt(d)`` times
+    noisier than its signal). From about 40 coordinates at the default rate the factor then random-walks away from
+    any start, the exact one included, grows ill-conditioned, and its ELBO estimates break down (probabilistic PCA with
+    100 coordinates: estimates of 1e16 within 100 steps). With ``c`` each row moves by about the learning rate, as
+    each coordinate of ``loc`` does, and the same fit reaches the exact posterior at 100 and 200 coordinates, in
+    float32 too. Rows 0 and 1 have ``c = 1``: two-dimensional guides are unchanged.
+    """
 
     def _setup_family(self, prototype: torch.Tensor) -> None:
         self.loc = nn.Parameter(torch.zeros_like(prototype))
         self.scale = PyroParam(torch.ones_like(prototype), constraints.softplus_positive)
         self.scale_tril = PyroParam(torch.eye(self.latent_dim).to(prototype), constraints.unit_lower_cholesky)
+        rows = torch.arange(self.latent_dim).clamp(min=1).to(prototype)
+        self.register_buffer("factor_row_scale", rows.rsqrt())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A fit saved before the rows were scaled has no factor_row_scale: its entries are the factor's own.
+        key = prefix + "factor_row_scale"
+        if key not in state_dict and getattr(self, "factor_row_scale", None) is not None:
+            state_dict[key] = torch.ones_like(self.factor_row_scale)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _loc_scale_tril(self, detach: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         loc, scale, unit_tril = _detached(detach, self.loc, self.scale, self.scale_tril)
-        return self._precondition(loc, scale[..., None] * unit_tril)
+        # unit_tril has a unit diagonal: scaling its rows by c and adding diag(1 - c) scales the strict lower part.
+        row_scale = self.factor_row_scale
+        factor = unit_tril * row_scale[:, None] + torch.diag_embed(1.0 - row_scale)
+        return self._precondition(loc, scale[..., None] * factor)
 
     def posterior(self, detach: bool = False) -> dist.Distribution:
         loc, scale_tril = self._loc_scale_tril(detach)

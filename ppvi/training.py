@@ -36,6 +36,20 @@ STAGES = (1.0, 0.2)
 #: only a run leaving its optimum makes: the flows' failure mode, an ELBO dropping by orders of magnitude.
 DIVERGENCE_NOISE_MULTIPLE = 10.0
 DIVERGENCE_MINIMUM_NATS = 50.0
+#: The ELBO estimates have broken down numerically when one of them exceeds the median of the first check interval
+#: by more than ``BREAKDOWN_FACTOR * max(BREAKDOWN_MINIMUM_NATS, |that median|)``. No fit can make such a rise: an
+#: ELBO never exceeds ``log p(x)``, so the most it can gain over its start is ``KL(q_start || p)``, and a gain a
+#: thousand times the start's own magnitude would need ``log p(x)`` and that KL to cancel to a thousandth. A log
+#: density that has lost its precision does it at once: a full-rank guide whose Cholesky factor has random-walked
+#: into an ill-conditioned matrix (the condition number of a random triangular matrix grows exponentially with its
+#: size, Viswanath & Trefethen 1998) evaluates ``log q`` of its own draws through a triangular solve that amplifies
+#: round-off by that condition number, and its ELBO estimates jump from -1e3 to +1e16 within a few steps (full-rank
+#: ADVI on probabilistic PCA with 100 coordinates did so before :class:`ppvi.guides.FullRankGuide` scaled its rows;
+#: a learning rate far too large still does). Three orders of magnitude, and never less than a million nats in all,
+#: leave any real gain alone. A slower breakdown (float32 reaches +1e4 nats over log p(x) before +1e6) is caught
+#: only once it passes the bound: without an upper bound on log p(x), a tighter one would flag real gains.
+BREAKDOWN_FACTOR = 1e3
+BREAKDOWN_MINIMUM_NATS = 1e3
 
 
 def advance_stages(stage: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -118,11 +132,16 @@ class TrainingResult(NamedTuple):
     nonfinite_step : int or None
         First step whose loss was not finite (the parameters are then those of the last finite checkpoint).
     diverged_step : int or None
-        Step at which the loss was found to diverge (see :data:`DIVERGENCE_NOISE_MULTIPLE`); the parameters are
-        then those of the best check interval seen.
+        Step at which the loss was found to diverge (see :data:`DIVERGENCE_NOISE_MULTIPLE`), or its estimates to
+        break down numerically (see :data:`BREAKDOWN_FACTOR`); the parameters are then those of the best check
+        interval seen.
     interrupted_step : int or None
         Step at which ``KeyboardInterrupt`` (Ctrl-C) stopped the loop: the steps completed by then are kept (and
         the run is not ``converged``).
+    breakdown_step : int or None
+        First step whose ELBO estimate was impossibly high (see :data:`BREAKDOWN_FACTOR`): the log densities lost
+        their precision. ``diverged_step`` is then set too, the parameters are those of the best check interval,
+        and ``losses`` stop before the interval holding the broken estimates, which estimate nothing.
     """
 
     losses: np.ndarray
@@ -133,6 +152,7 @@ class TrainingResult(NamedTuple):
     nonfinite_step: int | None
     diverged_step: int | None = None
     interrupted_step: int | None = None
+    breakdown_step: int | None = None
 
 
 def _schedule_factor(schedule: Schedule | Callable[[int], float], horizon: int) -> Callable[[int], float]:
@@ -283,7 +303,9 @@ def run(
     steps and stops. With a fixed ``steps`` it applies the ``schedule`` alone and averages over the last
     ``min(rule.window, steps // 2)`` steps. The parameters end as the average. A non-finite loss stops the loop
     and restores the parameters of the last checkpoint whose losses were all finite; a diverging loss (see
-    :data:`DIVERGENCE_NOISE_MULTIPLE`) stops it and restores the parameters of the best check interval.
+    :data:`DIVERGENCE_NOISE_MULTIPLE`) stops it and restores the parameters of the best check interval, and so does
+    an ELBO estimate too high for any fit (see :data:`BREAKDOWN_FACTOR`): the numerical breakdown of a log density,
+    whose absurd estimates would otherwise pass for progress and then for stationarity.
 
     ``KeyboardInterrupt`` (Ctrl-C) during the loop stops it cleanly, as PyMC's ``pm.fit`` does: the parameters of
     the last completed step are kept (the last checkpoint's if a loss since then was not finite), the result is
@@ -330,7 +352,8 @@ def run(
     losses = torch.empty(total, dtype=torch.float64, device=device)
     checkpoint = [p.detach().clone() for p in state.parameters]
     best = [p.detach().clone() for p in state.parameters]
-    best_median, best_spread, diverged_step = math.inf, math.inf, None
+    best_median, best_spread, best_step, diverged_step = math.inf, math.inf, 0, None
+    start_median, breakdown_step = None, None
     averaging_from = total - averaging_steps if steps is not None else None
     converged, message, nonfinite_step = False, "", None
     bar = _progress_bar(progress, total)
@@ -362,6 +385,22 @@ def run(
                 break
             median = float(np.median(recent))
             comparable = last_check >= stationary_from  # the objective no longer changes with the step
+            if comparable and start_median is None:
+                start_median = median
+            impossible = comparable and start_median - recent > breakdown_allowance(start_median)
+            if np.any(impossible):
+                breakdown_step, diverged_step = last_check + int(np.argmax(impossible)), state.step
+                # No best interval yet (the breakdown is in the first): the parameters at this interval's start.
+                restored, restored_step = (best, best_step) if math.isfinite(best_median) else (checkpoint, last_check)
+                with torch.no_grad():
+                    for parameter, saved in zip(state.parameters, restored, strict=True):
+                        parameter.copy_(saved)
+                message = breakdown_message(
+                    breakdown_step, -float(recent.min()), -start_median, restored_step, learning_rate
+                )
+                state = state._replace(average=None)
+                converged = False
+                break
             allowance = max(DIVERGENCE_MINIMUM_NATS, DIVERGENCE_NOISE_MULTIPLE * best_spread)
             if comparable and median > best_median + allowance:
                 diverged_step = state.step
@@ -376,7 +415,7 @@ def run(
                 converged = False
                 break
             if comparable and median < best_median and recent.shape[0] > 1:
-                best_median, best_spread = median, float(recent.std(ddof=1))
+                best_median, best_spread, best_step = median, float(recent.std(ddof=1)), state.step
                 for saved, parameter in zip(best, state.parameters, strict=True):
                     saved.copy_(parameter.detach())
             for saved, parameter in zip(checkpoint, state.parameters, strict=True):
@@ -422,8 +461,46 @@ def run(
             message = f"stationary at step {averaging_from}; averaged the last {state.averaged_steps} iterates"
         else:
             message = f"reached max_steps={rule.max_steps} before the ELBO became stationary"
-    steps_taken = state.step if nonfinite_step is None else last_check
+    # The estimates of a non-finite or broken-down interval estimate nothing: the trace stops before it.
+    steps_taken = state.step if nonfinite_step is None and breakdown_step is None else last_check
     return TrainingResult(
         losses[:steps_taken].cpu().numpy(), steps_taken, converged, seconds, message, nonfinite_step, diverged_step,
-        interrupted_step,
+        interrupted_step, breakdown_step,
+    )
+
+
+def breakdown_allowance(start_median: float) -> float:
+    """How far (nats) a loss may fall below the median loss of the first check interval before the ELBO estimates
+    count as broken down: ``BREAKDOWN_FACTOR * max(BREAKDOWN_MINIMUM_NATS, |start_median|)``.
+
+    Parameters
+    ----------
+    start_median : float
+        Median loss (negative ELBO) of the first check interval whose objective no longer changes with the step.
+    """
+    return BREAKDOWN_FACTOR * max(BREAKDOWN_MINIMUM_NATS, abs(start_median))
+
+
+def breakdown_message(step: int, estimate: float, start: float, restored_step: int, learning_rate: float) -> str:
+    """Why :func:`run` stopped on an impossibly high ELBO estimate (see :data:`BREAKDOWN_FACTOR`), and what to do.
+
+    Parameters
+    ----------
+    step : int
+        First step whose estimate was impossibly high.
+    estimate : float
+        The highest ELBO estimate of the check interval.
+    start : float
+        Median ELBO of the first check interval.
+    restored_step : int
+        Step of the parameters restored (the end of the best check interval).
+    learning_rate : float
+        The run's learning rate, to suggest a smaller one.
+    """
+    return (
+        f"the ELBO diverged upward at step {step}: an estimate of {estimate:.4g} against a start of {start:.4g} is "
+        f"more than {BREAKDOWN_FACTOR:g} times the start's magnitude above it, a rise no fit can make (an ELBO never "
+        "exceeds log p(x)), so the log densities broke down numerically (for a full-rank guide, a Cholesky factor "
+        f"grown ill-conditioned in many dimensions); parameters restored to the best interval (step {restored_step}). "
+        f"Try a smaller learning_rate (now {learning_rate:g}), or guide='meanfield' or 'lowrank'"
     )

@@ -172,9 +172,10 @@ def test_a_diverging_run_stops_keeps_its_best_iterate_and_warns():
 
 def test_a_final_elbo_below_the_start_is_not_converged():
     # A rate so large that the first interval already runs off: no divergence is seen against it, but the ELBO
-    # at the end is far below the exact start's.
+    # at the end is far below the exact start's. (With seed 0 one estimate of the first interval also jumps 6.6e7
+    # nats above log Z = 0, which the numerical-breakdown check reports first; seed 3 meets only this failure.)
     with pytest.warns(ppvi.FitWarning, match="below the start's"):
-        fit = ppvi.fit(correlated, guide="fullrank", learning_rate=10.0, max_steps=1000)
+        fit = ppvi.fit(correlated, guide="fullrank", learning_rate=10.0, max_steps=1000, seed=3)
     assert not fit.converged
     assert "below the start's" in fit.message
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -273,6 +274,63 @@ def test_a_diverging_loss_stops_and_restores_the_best_interval():
     # The parameters of a check before the jump come back (the one with the lowest median loss), not the last.
     restored = [k for k in (50, 100, 150, 200) if torch.equal(x.detach(), seen[k])]
     assert restored and float((x.detach() ** 2).sum()) < 0.1
+
+
+def quadratic_then(x: torch.Tensor, from_step: int, broken: Callable[[torch.Tensor], torch.Tensor]):
+    """``|x|^2 + noise`` until ``from_step``, then ``broken(that)``; records the iterate seen at every call."""
+    seen: dict[int, torch.Tensor] = {}
+    step = [0]
+
+    def loss() -> torch.Tensor:
+        seen[step[0]] = x.detach().clone()
+        value = (x**2).sum() + 0.01 * torch.randn(())
+        if step[0] >= from_step:
+            value = broken(value)
+        step[0] += 1
+        return value
+
+    return loss, seen
+
+
+def test_an_impossibly_high_elbo_is_a_breakdown_not_progress():
+    # From step 130 on, some estimates are -1e12 (an ELBO of +1e12): a log q that lost its precision, as an
+    # ill-conditioned full-rank factor gives. The median stays sane, so the divergence check alone would never see
+    # it and the stopping rule would read the broken trace as progress.
+    x = torch.tensor([2.0, -2.0], requires_grad=True)
+    loss, seen = quadratic_then(x, 130, lambda value: value - 1e12 * (torch.rand(()) < 0.2))
+    result = run(loss, [x], learning_rate=0.05, rule=StoppingRule(window=100, max_steps=2000), check_interval=50,
+                 progress=False)
+    assert not result.converged and result.diverged_step == 150
+    assert 130 <= result.breakdown_step < 150
+    assert f"diverged upward at step {result.breakdown_step}" in result.message
+    assert "broke down numerically" in result.message and "smaller learning_rate (now 0.05)" in result.message
+    # The trace stops before the broken interval, and the best check before it comes back.
+    assert result.steps == 100 and result.losses.shape == (100,) and result.losses.min() > -1.0
+    assert any(torch.equal(x.detach(), seen[k]) for k in (50, 100))
+
+
+def test_a_breakdown_in_the_first_interval_restores_the_start():
+    x = torch.tensor([2.0, -2.0], requires_grad=True)
+    loss, _ = quadratic_then(x, 30, lambda value: value - 1e12)
+    result = run(loss, [x], learning_rate=0.05, steps=200, check_interval=50, progress=False)
+    assert result.breakdown_step == 30 and result.steps == 0 and not result.converged
+    torch.testing.assert_close(x.detach(), torch.tensor([2.0, -2.0]), rtol=0, atol=0)
+
+
+def test_a_sudden_large_gain_from_a_start_near_zero_is_not_a_breakdown():
+    # A plateau near 0 that the run leaves for a cliff 2e5 nats lower around step 100: an ELBO that jumps from 0 to
+    # log p(x) = 2e5 within an interval, a fifth of the million nats that BREAKDOWN_MINIMUM_NATS leaves to a start of
+    # small magnitude.
+    x = torch.zeros(1, requires_grad=True)
+
+    def loss() -> torch.Tensor:
+        return -2e5 * torch.sigmoid(10.0 * (x.sum() - 1.0)) + torch.randn(())
+
+    result = run(loss, [x], learning_rate=0.01, rule=StoppingRule(window=100, max_steps=5000), check_interval=50,
+                 progress=False)
+    assert abs(np.median(result.losses[:50])) < training.BREAKDOWN_MINIMUM_NATS  # the allowance is the floor
+    assert result.breakdown_step is None and result.diverged_step is None and result.converged
+    assert result.losses[-100:].mean() == pytest.approx(-2e5, abs=10.0)
 
 
 def test_gradient_clipping_bounds_the_step():
