@@ -172,11 +172,15 @@ class BatchedFit(NamedTuple):
 
 
 def scale_of(guide: GuideFamily, raw_scale: torch.Tensor, *lower: torch.Tensor) -> torch.Tensor:
-    """The whitened scale: softplus of ``raw_scale`` (sds), plus the strictly lower triangle for ``"fullrank"``."""
+    """The whitened scale: softplus of ``raw_scale`` (sds), plus, for ``"fullrank"``, the strictly lower triangle
+    with row ``i`` scaled by ``1 / sqrt(max(i, 1))``, so that each row moves by about one learning rate per Adam
+    step, as :class:`ppvi.guides.FullRankGuide` does (its docstring says why: without it, the factor of a guide over
+    some 40 coordinates or more random-walks into an ill-conditioned one)."""
     diagonal = torch.nn.functional.softplus(raw_scale)
     if guide == "meanfield":
         return diagonal
-    return torch.diag_embed(diagonal) + lower[0].tril(-1)
+    row_scale = torch.arange(diagonal.shape[-1], device=diagonal.device).clamp(min=1).to(diagonal).rsqrt()
+    return torch.diag_embed(diagonal) + lower[0].tril(-1) * row_scale[:, None]
 
 
 def transform(guide: GuideFamily, loc: torch.Tensor, scale: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -542,12 +543,14 @@ class _ShardTask(NamedTuple):
 
 
 def _worker_name() -> str:
-    """The Dask worker running this task, or ``"local"``."""
+    """The Dask worker running this task, or ``"local"``. A worker has imported ``distributed``; a plain process
+    need not pay for importing it (seconds) just to learn that it is not one."""
+    module = sys.modules.get("distributed")
+    if module is None:
+        return "local"
     try:
-        from distributed import get_worker
-
-        return get_worker().address
-    except (ImportError, ValueError):
+        return module.get_worker().address
+    except ValueError:  # distributed is imported, but this is not a worker
         return "local"
 
 
