@@ -37,6 +37,12 @@ from torch import nn
 
 Architecture = Literal["mlp", "conv"]
 Likelihood = Literal["bernoulli", "gaussian"]
+#: How :func:`train` trains: ``"single"``, one process through :func:`ppvi.fit`; ``"ddp"``, data-parallel over
+#: several processes with PyTorch's DistributedDataParallel (:mod:`ppvi.data_parallel`).
+Strategy = Literal["single", "ddp"]
+STRATEGIES = ("single", "ddp")
+#: The process-group backend of ``strategy="ddp"`` for each ``device``.
+_DDP_BACKENDS = {"auto": "auto", "cpu": "gloo", "cuda": "nccl"}
 
 #: Hidden units of the MLPs: Kingma & Welling (2014) used 500 and the PyTorch example 400 on MNIST.
 DEFAULT_HIDDEN_DIM = 400
@@ -294,8 +300,11 @@ def train(
     device: str = "auto",
     seed: int | None = 0,
     progress: bool | None = None,
+    strategy: Strategy = "single",
+    world_size: int | None = None,
 ):
-    """Train a :class:`VAE` on ``images`` with :func:`ppvi.fit` and :class:`ppvi.amortized.AmortizedELBO`.
+    """Train a :class:`VAE` on ``images`` with :func:`ppvi.fit` and :class:`ppvi.amortized.AmortizedELBO`, in one
+    process or data-parallel over several.
 
     Parameters
     ----------
@@ -307,26 +316,47 @@ def train(
     kl_weight, kl_warmup_steps, free_bits
         beta, linear KL annealing and free bits (see :class:`ppvi.amortized.AmortizedELBO`).
     batch_size : int
-        Minibatch size (Pyro's subsampling plate).
+        Minibatch size (Pyro's subsampling plate); with ``strategy="ddp"`` each process's, so that a step sees
+        ``world_size * batch_size`` images.
     steps : int
         Adam steps (``ppvi.fit`` averages the iterates of the last ``min(500, steps // 2)``).
     learning_rate : float
         Adam's learning rate (1e-3, as Kingma & Welling's and the PyTorch example's).
     device : {"auto", "cpu", "cuda"}
-        Where to train; on a GPU the loss and gradient run as one CUDA graph.
+        Where to train; on a GPU the loss and gradient run as one CUDA graph. With ``strategy="ddp"``: ``"cpu"``
+        runs CPU processes over ``gloo``, ``"cuda"`` one GPU per process over ``nccl``, ``"auto"`` the latter
+        when there is a GPU for every process.
     seed : int, optional
-        Seed of the initial weights and of training.
+        Seed of the initial weights and of training (``"ddp"`` needs one: every process derives its minibatches
+        and noise from it).
+    progress : bool, optional
+        Show a progress bar (``"single"`` only).
+    strategy : {"single", "ddp"}
+        ``"single"``: one process, :func:`ppvi.fit`. ``"ddp"``: data-parallel training with PyTorch's
+        DistributedDataParallel (:func:`ppvi.data_parallel.train`): each process draws its own minibatches of
+        ``batch_size``, the gradients are averaged, and the result equals one process training on the
+        concatenated minibatches. Inside a ``torchrun`` job (``torchrun --nproc-per-node=2 script.py``; every
+        process runs this call) it trains as this process's rank; elsewhere it spawns ``world_size`` processes
+        (:func:`ppvi.data_parallel.launch`; guard the script's entry point with ``if __name__ == "__main__":``).
+    world_size : int, optional
+        With ``strategy="ddp"`` outside ``torchrun``: how many processes to spawn.
 
     Returns
     -------
     ppvi.Fit
         ``fit.guide`` is the trained :class:`VAE`; ``fit.elbo`` the ELBO per step (of the objective trained, i.e.
-        with the KL weight of that step).
+        with the KL weight of that step). With ``"ddp"`` a :class:`ppvi.data_parallel.DataParallelFit`, whose
+        ``elbo`` is the mean over the processes (the ELBO estimate of the concatenated minibatch), identical on
+        every rank of a ``torchrun`` job.
     """
     import ppvi
     import ppvi.inputs
     from ppvi.amortized import AmortizedELBO
 
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES} (one process, or data-parallel), got {strategy!r}")
+    if strategy == "single" and world_size is not None:
+        raise ValueError("world_size applies to strategy='ddp' only: pass strategy='ddp' to train on several processes")
     images = _as_images(images)
     if seed is not None:
         torch.manual_seed(seed)
@@ -336,12 +366,45 @@ def train(
     if not isinstance(batch_size, int) or not 1 <= batch_size:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     elbo = AmortizedELBO(kl_weight=kl_weight, kl_warmup_steps=kl_warmup_steps, free_bits=free_bits)
+    if strategy == "ddp":
+        return _train_data_parallel(vae, images, elbo, batch_size=batch_size, steps=steps,
+                                    learning_rate=learning_rate, device=device, seed=seed, world_size=world_size)
     subsample_size = batch_size if batch_size < images.shape[0] else None
     # ppvi.fit picks the thread count from the minibatch size (ppvi.inputs.threads_for).
     return ppvi.fit(
         vae.model, images, guide=vae, subsample_size=subsample_size, steps=steps, learning_rate=learning_rate,
         dtype="float32", device=device, elbo=elbo, seed=seed, progress=progress,
     )
+
+
+def _train_data_parallel(vae: VAE, images: torch.Tensor, elbo, *, batch_size: int, steps: int, learning_rate: float,
+                         device: str, seed: int | None, world_size: int | None):
+    """``train(..., strategy="ddp")``: this process's rank of a ``torchrun`` job, or ``world_size`` spawned ones."""
+    from ppvi import data_parallel
+
+    if device not in _DDP_BACKENDS:
+        raise ValueError(f"device must be one of {tuple(_DDP_BACKENDS)} with strategy='ddp', got {device!r}")
+    if seed is None:
+        raise ValueError(
+            "strategy='ddp' needs an integer seed: every process derives its minibatches and noise from it "
+            "(and, under torchrun, builds the same initial network from it)"
+        )
+    options = dict(batch_size=batch_size, steps=steps, learning_rate=learning_rate, elbo=elbo, seed=seed,
+                   backend=_DDP_BACKENDS[device], dtype=torch.float32)
+    if data_parallel.is_distributed_rank():
+        job_size = data_parallel.world_size_of_job()
+        if world_size is not None and world_size != job_size:
+            raise ValueError(
+                f"world_size={world_size}, but this process is a rank of a job of {job_size} (torchrun's "
+                "--nproc-per-node sets it): drop world_size= under torchrun"
+            )
+        return data_parallel.train(vae.model, vae, images, **options)
+    if world_size is None:
+        raise ValueError(
+            "strategy='ddp' runs one process per rank: launch the script with `torchrun --nproc-per-node=2 "
+            "script.py`, or pass world_size=2 to spawn the processes from here"
+        )
+    return data_parallel.launch(world_size, vae.model, vae, images, **options)
 
 
 # -- figures (the lecture's) -------------------------------------------------------------------------------------

@@ -149,8 +149,9 @@ class Fit:
         The ELBO at the end of training: the mean of the last tenth of ``elbo`` (NaN when it is empty).
     engine : str
         Which training path ran (:mod:`ppvi.engine`): ``"traced"`` (one traced graph of the whole step),
-        ``"compiled"`` (that graph compiled by TorchInductor) or ``"pyro"`` (Pyro's tracing at every step, for
-        models and guides that do not trace; ``message`` says why when ``engine="auto"`` fell back).
+        ``"compiled"`` (that graph compiled by TorchInductor), ``"pyro"`` (Pyro's tracing at every step, for
+        models and guides that do not trace; ``message`` says why when ``engine="auto"`` fell back) or ``"ddp"``
+        (data-parallel over several processes, :class:`ppvi.data_parallel.DataParallelFit`).
     """
 
     def __init__(
