@@ -684,7 +684,8 @@ class _Replications:
         batch = z.shape[:2]
         data = self.data if replications is None else {name: value[replications] for name, value in self.data.items()}
         trace, messenger = self._constrained_run(z, data)
-        trace.compute_log_prob()
+        with pyro.validation_enabled(False):  # a replication's non-finite density is handled, not warned about
+            trace.compute_log_prob()
         total = messenger.log_abs_det_jacobian
         mpn = self.max_plate_nesting
         for site in trace.nodes.values():
