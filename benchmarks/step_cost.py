@@ -5,7 +5,8 @@ of ``N1`` steps and of ``N2`` steps (fresh fits, same seed; after one untimed wa
 ``--repeats`` of each length (the machine's noise only ever adds time) and divide the difference by ``N2 - N1``.
 Set-up (tracing, the Laplace start, compilation, JAX's JIT) is the ``N1`` run's time less ``N1`` steps at that
 cost. TorchInductor caches compiled graphs on disk, so after the warm-up the compiled engine's set-up is a cache
-hit (the cold compilation is the warm-up run's, printed separately).
+hit (the cold compilation is the warm-up run's, printed separately as "first run s": cold only when the cache is
+empty, hence ``TORCHINDUCTOR_CACHE_DIR`` pointing at a new folder below).
 
 - **ppvi pyro / traced / compiled**: ``ppvi.fit(..., steps=N, engine=...)`` with the registry guide (8 particles,
   path-derivative ELBO, Adam, Polyak averaging over the last steps), whole fit timed.
@@ -20,6 +21,7 @@ Usage::
 
     python benchmarks/step_cost.py                 # both problems, both guides, every engine (~3-5 min)
     python benchmarks/step_cost.py --quick         # fake Gaussian, mean-field and full-rank, no compiled engine
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/step_cost.py --repeats 2   # cold compilation timed
 """
 
 from __future__ import annotations

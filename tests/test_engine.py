@@ -165,3 +165,56 @@ def test_parameters_outside_the_module_are_not_traceable():
     outside = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(engine.NotTraceableError, match="not the guide's"):
         engine.trace_step(lambda: outside.sum(), module, [outside])
+
+
+def test_traced_step_writes_the_adam_step_into_the_parameters_in_place():
+    """The graph overwrites the parameters and moments it reads: same storage, values of the functional Adam."""
+    target = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+    def loss() -> torch.Tensor:
+        return ((module.weight - target) ** 2 * torch.arange(1.0, 4.0, dtype=torch.float64)).sum()
+
+    step = engine.trace_step(loss, module, [module.weight], epsilon=1e-6)
+    storage = module.weight.data_ptr()
+    parameters, state = (module.weight.detach().clone(),), engine.adam_init([module.weight])
+    for learning_rate in (0.1, 0.1, 0.05):
+        parameter = parameters[0].clone().requires_grad_()
+        gradient = torch.autograd.grad(((parameter - target) ** 2 * torch.arange(1.0, 4.0, dtype=torch.float64)).sum(),
+                                       parameter)
+        parameters, state = engine.adam_update(parameters, gradient, state, learning_rate, 1e-6)
+        step(learning_rate)
+    assert module.weight.data_ptr() == storage
+    torch.testing.assert_close(module.weight.detach(), parameters[0], rtol=1e-12, atol=1e-12)
+    assert step.state.step == 3
+    torch.testing.assert_close(step.state.second_moment[0], state.second_moment[0], rtol=1e-12, atol=1e-12)
+
+
+def test_small_linear_algebra_written_out_equals_the_library_calls():
+    """The compiled step's elementwise products and substitutions compute what BLAS and LAPACK compute."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    generator = torch.Generator().manual_seed(2)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    lower = torch.tril(draw(2, 4, 4)) + 4 * torch.eye(4, dtype=torch.float64)
+    inputs = (draw(3, 4), draw(4, 5), draw(2, 3, 4), draw(4), lower, draw(1, 4, 6))
+
+    def linear_algebra(a, b, batch, vector, triangular, right):
+        return (
+            a @ b, batch @ b, a @ vector,
+            torch.linalg.solve_triangular(triangular, right, upper=False),
+            torch.linalg.solve_triangular(triangular.mT, right, upper=True),
+            torch.linalg.solve_triangular(triangular, right, upper=False, unitriangular=True),
+        )
+
+    graph = make_fx(linear_algebra)(*inputs)
+    written_out = engine._inline_small_linear_algebra(graph, list(inputs))
+    library_targets = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.mv.default,
+                       torch.ops.aten.linalg_solve_triangular.default}
+    assert not any(node.target in library_targets for node in written_out.graph.nodes)
+    for actual, expected in zip(written_out(*inputs), linear_algebra(*inputs), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
