@@ -30,7 +30,7 @@ from ppvi import engine as engines
 from ppvi import training
 from ppvi.convergence import StoppingRule, is_stationary
 from ppvi.fit import PRECONDITIONED_ADAM_EPSILON
-from ppvi.guides import DEFAULT_INIT_SCALE
+from ppvi.guides import DEFAULT_INIT_SCALE, factor_row_scale
 from ppvi.initialization import BatchedLaplaceStart
 
 __all__ = [
@@ -173,13 +173,13 @@ class BatchedFit(NamedTuple):
 
 def scale_of(guide: GuideFamily, raw_scale: torch.Tensor, *lower: torch.Tensor) -> torch.Tensor:
     """The whitened scale: softplus of ``raw_scale`` (sds), plus, for ``"fullrank"``, the strictly lower triangle
-    with row ``i`` scaled by ``1 / sqrt(max(i, 1))``, so that each row moves by about one learning rate per Adam
-    step, as :class:`ppvi.guides.FullRankGuide` does (its docstring says why: without it, the factor of a guide over
-    some 40 coordinates or more random-walks into an ill-conditioned one)."""
+    with its rows scaled by :func:`ppvi.guides.factor_row_scale`, as :class:`ppvi.guides.FullRankGuide` does (its
+    docstring says why: without it, the factor of a guide over some 40 coordinates or more random-walks into an
+    ill-conditioned one)."""
     diagonal = torch.nn.functional.softplus(raw_scale)
     if guide == "meanfield":
         return diagonal
-    row_scale = torch.arange(diagonal.shape[-1], device=diagonal.device).clamp(min=1).to(diagonal).rsqrt()
+    row_scale = factor_row_scale(diagonal.shape[-1]).to(diagonal)
     return torch.diag_embed(diagonal) + lower[0].tril(-1) * row_scale[:, None]
 
 

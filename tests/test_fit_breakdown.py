@@ -103,20 +103,23 @@ def test_an_elbo_estimate_above_the_evidence_stops_the_fit_and_says_why():
 
 
 def test_a_guide_saved_before_the_row_scaling_loads_with_its_own_factor():
+    dimension = 24  # above UNSCALED_MAX_DIMENSION (20): every row is scaled
+
     def model():
-        pyro.sample("z", dist.Normal(torch.zeros(4, dtype=torch.float64), 1.0).to_event(1))
+        pyro.sample("z", dist.Normal(torch.zeros(dimension, dtype=torch.float64), 1.0).to_event(1))
 
     guide = FullRankGuide(model)
     guide()
-    eye = torch.eye(4, dtype=torch.float64)
-    entries = 0.5 * torch.ones(4, 4, dtype=torch.float64).tril(-1)
+    eye = torch.eye(dimension, dtype=torch.float64)
+    entries = 0.5 * torch.ones(dimension, dimension, dtype=torch.float64).tril(-1)
     state = {key: value.clone() for key, value in guide.state_dict().items()}
     state["scale_tril_unconstrained"] = eye + entries
     # A file written before the scaling has no factor_row_scale: its entries are the factor's own.
     guide.load_state_dict({key: value for key, value in state.items() if key != "factor_row_scale"})
     preconditioner = 0.1  # the default start, N(init, 0.1^2 I)
     torch.testing.assert_close(guide.posterior().scale_tril.detach(), preconditioner * (eye + entries))
-    # A new file holds the scaling: row i's entries count 1 / sqrt(i).
+    # A new file holds the scaling: row i's entries count 1 / sqrt(max(i, 1)).
     guide.load_state_dict(state)
-    scaled = entries * torch.tensor([1.0, 1.0, 2.0, 3.0], dtype=torch.float64).rsqrt()[:, None]
+    row_scale = torch.tensor([max(i, 1) ** -0.5 for i in range(dimension)], dtype=torch.float64)
+    scaled = entries * row_scale[:, None]
     torch.testing.assert_close(guide.posterior().scale_tril.detach(), preconditioner * (eye + scaled))
