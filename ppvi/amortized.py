@@ -26,7 +26,7 @@ guide, ``log p(x) ~= log (1/L) sum_l p(x, z_l) / q(z_l | x)`` (the IWAE bound of
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -366,6 +366,20 @@ def _structure_key(model: Callable, guide: Callable, args: tuple, kwargs: dict) 
             tuple((k, describe(v)) for k, v in sorted(kwargs.items())))
 
 
+def parameters_outside(trace: poutine.Trace, parameters: Iterable[torch.Tensor]) -> list[str]:
+    """Names of the ``pyro.param`` sites in ``trace`` (a ``poutine.trace(param_only=True)`` trace) whose leaf
+    tensor is none of ``parameters``: the parameters a CUDA graph or DistributedDataParallel, which see module
+    parameters only, would miss."""
+    known = {id(parameter) for parameter in parameters}
+    outside = []
+    for site in trace.nodes.values():
+        value = site["value"]
+        leaf = value.unconstrained() if hasattr(value, "unconstrained") else value
+        if id(leaf) not in known:
+            outside.append(site["name"])
+    return outside
+
+
 def _module_parameters(*objects: Callable) -> list[torch.Tensor]:
     seen: dict[int, torch.Tensor] = {}
     for candidate in objects:
@@ -409,15 +423,12 @@ class _GraphedLoss:
         with torch.cuda.stream(side):
             with poutine.trace(param_only=True) as params:
                 compute()
-            known = {id(p) for p in self.parameters}
-            for site in params.trace.nodes.values():
-                value = site["value"]
-                leaf = value.unconstrained() if hasattr(value, "unconstrained") else value
-                if id(leaf) not in known:
-                    raise ValueError(
-                        f"the loss reads pyro.param {site['name']!r}, which is not a parameter of the guide or "
-                        "model module, and a CUDA graph differentiates module parameters only: use cuda_graph='off'"
-                    )
+            outside = parameters_outside(params.trace, self.parameters)
+            if outside:
+                raise ValueError(
+                    f"the loss reads pyro.param {outside[0]!r}, which is not a parameter of the guide or "
+                    "model module, and a CUDA graph differentiates module parameters only: use cuda_graph='off'"
+                )
             for _ in range(GRAPH_WARMUP_EVALUATIONS - 1):
                 compute()
         torch.cuda.current_stream(device).wait_stream(side)

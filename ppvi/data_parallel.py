@@ -62,7 +62,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ppvi import training
-from ppvi.amortized import AmortizedELBO
+from ppvi.amortized import AmortizedELBO, parameters_outside
 from ppvi.convergence import StoppingRule
 from ppvi.inputs import accepts_keyword, random_state_kept
 from ppvi.result import Fit, NonFiniteELBOError
@@ -349,7 +349,6 @@ class _RankLoss(nn.Module):
 
 def _check_parameters(module: _RankLoss, data: torch.Tensor, indices: torch.Tensor) -> None:
     """One untrained evaluation: the plate must take the indices, and every ``pyro.param`` must be a module's."""
-    known = {id(parameter) for parameter in module.parameters()}
     module.plate.indices, module.plate.used = indices, False
     with random_state_kept(), module.plate, poutine.trace(param_only=True) as parameters:
         # .loss evaluates without gradients, which leaves the annealing clock alone
@@ -359,14 +358,12 @@ def _check_parameters(module: _RankLoss, data: torch.Tensor, indices: torch.Tens
             f"the model and guide have no subsampled plate named {module.plate.name!r}: each rank hands its "
             f"minibatch to that plate; name the data plate {module.plate.name!r} or pass plate_name="
         )
-    for site in parameters.trace.nodes.values():
-        value = site["value"]
-        leaf = value.unconstrained() if hasattr(value, "unconstrained") else value
-        if id(leaf) not in known:
-            raise ValueError(
-                f"the loss reads pyro.param {site['name']!r}, which belongs to no torch module of the guide or "
-                "model: DDP averages module parameters only; make it an nn.Parameter of the guide module"
-            )
+    outside = parameters_outside(parameters.trace, module.parameters())
+    if outside:
+        raise ValueError(
+            f"the loss reads pyro.param {outside[0]!r}, which belongs to no torch module of the guide or "
+            "model: DDP averages module parameters only; make it an nn.Parameter of the guide module"
+        )
 
 
 def _run_rank(model: Callable, guide: nn.Module, data: torch.Tensor, options: _Options, device: torch.device,
