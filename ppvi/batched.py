@@ -184,18 +184,11 @@ def scale_of(guide: GuideFamily, raw_scale: torch.Tensor, *lower: torch.Tensor) 
 
 
 def transform(guide: GuideFamily, loc: torch.Tensor, scale: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """``loc + scale noise`` for noise ``(S, A, D)``: elementwise (``"meanfield"``) or by the triangular factor."""
+    """``loc + scale noise`` for noise ``(..., A, D)``: elementwise (``"meanfield"``) or by the triangular factor
+    (guide draws from whitened noise, and whitened points to unconstrained ones with the Laplace centre and factor)."""
     if guide == "meanfield":
         return loc + scale * noise
     return loc + (scale @ noise.unsqueeze(-1)).squeeze(-1)
-
-
-def _unwhiten(guide: GuideFamily, start: BatchedLaplaceStart, active: torch.Tensor, loc, scale):
-    """Whitened ``(loc, scale)`` -> unconstrained: ``z = center + factor w``."""
-    center, factor = start.center[active], start.factor[active]
-    if guide == "meanfield":
-        return center + factor * loc, factor * scale
-    return center + (factor @ loc.unsqueeze(-1)).squeeze(-1), factor @ scale
 
 
 def init(start: BatchedLaplaceStart, guide: GuideFamily) -> BatchedState:
@@ -256,7 +249,7 @@ def update(
                 loc.detach(), scale_tril=scale.detach(), validate_args=False
             ).log_prob(w)
         center, factor = start.center[active], start.factor[active]
-        z = center + (factor * w if guide == "meanfield" else (factor @ w.unsqueeze(-1)).squeeze(-1))
+        z = transform(guide, center, factor, w)  # unwhitened: z = center + factor w
         per_replication = (log_q - log_density(z, active)).mean(0)
         finite = torch.isfinite(per_replication)
         loss = torch.where(finite, per_replication, torch.zeros_like(per_replication)).sum()
@@ -271,7 +264,9 @@ def update(
             [leaf.detach() for leaf in leaves], [gradient.nan_to_num(0.0, 0.0, 0.0) for gradient in gradients],
             state.adam, learning_rate * state.step_factor[active], epsilon,
         )
-        current_loc, current_scale = _unwhiten(guide, start, active, parameters[0], scale_of(guide, *parameters[1:]))
+        current_loc = transform(guide, center, factor, parameters[0])
+        whitened_scale = scale_of(guide, *parameters[1:])
+        current_scale = factor * whitened_scale if guide == "meanfield" else factor @ whitened_scale
         if state.window_count == 0:
             window_loc, window_scale = current_loc, current_scale
         else:
