@@ -20,8 +20,10 @@ Run: ``python benchmarks/vae_throughput.py [--device cpu|cuda] [--threads 2] [--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 
 import pyro
 import torch
@@ -96,32 +98,41 @@ def pyro_svi(images: torch.Tensor, batch_size: int, steps: int, warmup: int) -> 
     return time.perf_counter() - start
 
 
-def ppvi_fit(images: torch.Tensor, batch_size: int, steps: int, warmup: int) -> tuple[float, float]:
-    """Seconds of ``ppvi.fit``'s training loop and of the whole call, ``steps`` steps (after an untimed fit of
-    ``warmup`` steps). The loop's time is ``TrainingResult.seconds`` of :func:`ppvi.training.run`: start-up (the
-    data check, the structure trace, the first, validated evaluation) excluded; the final read-back included."""
-    loop_seconds = []
+@contextlib.contextmanager
+def training_loop_seconds() -> Iterator[list[float]]:
+    """Inside the block, every :func:`ppvi.training.run` appends its ``TrainingResult.seconds`` (the training loop
+    alone: the data check, the structure trace and the first, validated evaluation excluded) to the list yielded."""
+    seconds: list[float] = []
     original = training.run
 
     def timed_run(*args, **kwargs):
         result = original(*args, **kwargs)
-        loop_seconds.append(result.seconds)
+        seconds.append(result.seconds)
         return result
+
+    training.run = timed_run
+    try:
+        yield seconds
+    finally:
+        training.run = original
+
+
+def ppvi_fit(images: torch.Tensor, batch_size: int, steps: int, warmup: int) -> tuple[float, float]:
+    """Seconds of ``ppvi.fit``'s training loop and of the whole call, ``steps`` steps (after an untimed fit of
+    ``warmup`` steps). The loop's time is ``TrainingResult.seconds`` of :func:`ppvi.training.run`: start-up (the
+    data check, the structure trace, the first, validated evaluation) excluded; the final read-back included."""
 
     def fit(num_steps: int) -> None:
         vae = VAE(IMAGE_SHAPE, LATENT_DIM, HIDDEN_DIM)
         ppvi.fit(vae.model, images, guide=vae, subsample_size=batch_size, steps=num_steps, dtype="float32",
                  device=images.device, elbo=AmortizedELBO(), learning_rate=LEARNING_RATE, progress=False)
 
-    training.run = timed_run
-    try:
+    with training_loop_seconds() as loop_seconds:
         fit(max(warmup, 2))
         synchronize(images.device)
         start = time.perf_counter()
         fit(steps)
         synchronize(images.device)
-    finally:
-        training.run = original
     return loop_seconds[-1], time.perf_counter() - start
 
 
