@@ -198,6 +198,20 @@ def test_significant_gain_below_the_tolerance_is_stationary():
     assert not is_stationary(losses, StoppingRule(window=window, tolerance=0.0))
 
 
+def test_noiseless_creep_within_the_tolerance_is_stationary():
+    # An exact guide family under the path-derivative gradient: the noise is gone and the loss still creeps down
+    # by a micro-nat per step. R-hat is far above any threshold (the drift is all there is), yet the whole window
+    # lies within 0.05 nats: nothing is left to gain or to average away.
+    window = 100
+    losses = 3.0 - 1e-6 * np.arange(2 * window)
+    assert split_rhat(losses[-window:]) > 4  # sqrt(1 + 25^2 * var(piece means) / var(within)): about 4.6
+    assert is_stationary(losses, StoppingRule(window=window))
+    # The same creep at 1e-3 nats a step spans 0.1 nats in a window: still moving.
+    assert not is_stationary(3.0 - 1e-3 * np.arange(2 * window), StoppingRule(window=window))
+    # And a zero tolerance keeps R-hat's verdict.
+    assert not is_stationary(losses, StoppingRule(window=window, tolerance=0.0))
+
+
 def test_rhat_threshold_is_used():
     # An oscillation with R-hat between 1.1 and 2: stationary for a lax threshold only.
     window = 100
