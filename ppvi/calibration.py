@@ -36,6 +36,8 @@ from torch.distributions import biject_to
 
 from ppvi import batched
 from ppvi.constrain import ConstrainMessenger
+from ppvi.convergence import StoppingRule
+from ppvi.engine import NotTraceableError
 from ppvi.guides import MeanFieldGuide
 from ppvi.initialization import batched_laplace_start
 from ppvi.inputs import computation, prepare_arguments, resolve_device, resolve_dtype
@@ -66,6 +68,13 @@ BAND_PROBABILITY = 0.95
 BAND_SIMULATIONS = 2000
 #: Guide draws per replication for ``p`` of components whose constraining transform is not elementwise monotone.
 MONTE_CARLO_DRAWS = 1000
+#: The training paths of :func:`vsbc` and :func:`sbc` (its ``engine`` option).
+ENGINES = ("auto", "pyro", "traced", "compiled")
+CalibrationEngine = Literal["auto", "pyro", "traced", "compiled"]
+#: From this many replications ``engine="auto"`` compiles the batched step. A cold compilation costs about ten
+#: seconds on a 2-core CPU; measured on eight schools (``benchmarks/vsbc_speed.py``), the compiled step saves
+#: about that much from M of some 500 on, and every run after the first finds the compilation cached on disk.
+COMPILE_MIN_SIMULATIONS = 500
 
 
 def _by_component(values_by_site: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -114,6 +123,11 @@ class SimulationOutcome:
     shards : pandas.DataFrame
         One row per batched run: its first replication, its number of replications, the worker that ran it
         (``"local"`` without a cluster) and its wall time in seconds.
+    engine : str
+        The training path that ran (``"pyro"``, ``"traced"`` or ``"compiled"``; see the ``engine`` option of
+        :func:`vsbc`).
+    engine_reason : str
+        Why the Pyro path ran where ``engine="auto"`` asked for a traced one (empty otherwise).
     """
 
     theta0: dict[str, np.ndarray]
@@ -124,6 +138,8 @@ class SimulationOutcome:
     guide: str
     laplace_succeeded: np.ndarray
     shards: pd.DataFrame | None = field(default=None, repr=False)
+    engine: str = "pyro"
+    engine_reason: str = ""
 
     @property
     def num_simulations(self) -> int:
@@ -333,6 +349,7 @@ def vsbc(
     device: str | torch.device = "auto",
     cluster: Client | None = None,
     num_shards: int | None = None,
+    engine: CalibrationEngine = "auto",
     _shift: float = 0.0,
 ) -> VSBCResult:
     """VSBC of a Gaussian ADVI guide on ``model``.
@@ -378,6 +395,15 @@ def vsbc(
         for how long.
     num_shards : int, optional
         Shards for ``cluster`` (default: one per worker). More shards balance load better; fewer vectorise more.
+    engine : {"auto", "pyro", "traced", "compiled"}
+        How the batched training step runs (:mod:`ppvi.batched`). ``"pyro"`` runs the model through Pyro at
+        every step. ``"traced"`` traces the step (model, gradient and Adam) once into one graph for every batch
+        size (:class:`ppvi.batched.TracedBatchedStep`) and replays it; ``"compiled"`` also compiles that graph
+        with TorchInductor, several times faster per step but with a cold compilation of some ten seconds on a
+        small CPU (cached on disk for later runs). ``"auto"`` compiles when there are at least
+        :data:`COMPILE_MIN_SIMULATIONS` replications (where compiling repays itself) and runs Pyro below that. A
+        model that does not trace (control flow on sampled values, random draws of its own) trains through Pyro
+        under ``"auto"``, and ``result.engine_reason`` says why; under ``"traced"`` or ``"compiled"`` it raises.
 
     Returns
     -------
@@ -387,7 +413,7 @@ def vsbc(
     check_model(model, "ppvi.vsbc")
     fields, computed, loc, scale = _simulate_and_fit(
         model, args, observed, guide, num_simulations, steps, learning_rate, num_particles, seed, device,
-        _shift, cluster, num_shards,
+        _shift, cluster, num_shards, engine=engine,
     )
     sd = _marginal_sd(scale, guide)
     return VSBCResult(
@@ -410,6 +436,7 @@ def sbc(
     device: str | torch.device = "auto",
     cluster: Client | None = None,
     num_shards: int | None = None,
+    engine: CalibrationEngine = "auto",
     _shift: float = 0.0,
 ) -> SBCResult:
     """Simulation-based calibration (Talts, Betancourt, Simpson, Vehtari & Gelman 2018) of a Gaussian ADVI guide.
@@ -424,7 +451,7 @@ def sbc(
     Parameters
     ----------
     model, *args, observed, guide, num_simulations, steps, learning_rate, num_particles, seed, device, cluster
-    num_shards
+    num_shards, engine
         As :func:`vsbc`.
     num_draws : int
         ``L``, guide draws per replication; ranks take ``L + 1`` values. Talts et al. suggest ``L + 1`` dividing
@@ -439,7 +466,7 @@ def sbc(
     num_draws = validate({"num_draws": num_draws})["num_draws"]
     fields, computed, _, _ = _simulate_and_fit(
         model, args, observed, guide, num_simulations, steps, learning_rate, num_particles, seed, device,
-        _shift, cluster, num_shards, num_draws=num_draws,
+        _shift, cluster, num_shards, num_draws=num_draws, engine=engine,
     )
     return SBCResult(ranks=computed, num_draws=num_draws, **fields, seconds=time.perf_counter() - started)
 
@@ -455,13 +482,20 @@ TRAINING_STREAM, P_VALUE_STREAM, RANK_STREAM = 0, 1, 2
 
 def _simulate_and_fit(
     model, args, observed, guide, num_simulations, steps, learning_rate, num_particles, seed, device, shift,
-    cluster, num_shards, num_draws=None,
+    cluster, num_shards, num_draws=None, engine="auto",
 ):
     """Validate, simulate ``M`` data sets, fit every replication (in this process, or in shards on ``cluster``)
     and compute p-values (``num_draws=None``) or SBC ranks; returns the result's common fields and the
     replications' ``computed``, ``loc`` and ``scale``."""
     if not isinstance(guide, str) or guide not in ("meanfield", "fullrank"):
         raise ValueError(f"guide must be 'meanfield' or 'fullrank', got {guide!r}")
+    if not isinstance(engine, str) or engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(map(repr, ENGINES))}, got {engine!r}")
+    if engine == "auto":
+        engine = "compiled" if num_simulations >= COMPILE_MIN_SIMULATIONS else "pyro"
+        required = False
+    else:
+        required = engine != "pyro"
     checked = validate(
         dict(num_simulations=num_simulations, steps=steps, learning_rate=learning_rate, num_particles=num_particles,
              seed=seed, device=device),
@@ -491,7 +525,8 @@ def _simulate_and_fit(
     task = _ShardTask(
         model=model, args=args, observed=observed, guide=guide, steps=steps, learning_rate=learning_rate,
         num_particles=num_particles, seed=seed, device=str(resolved_device), shift=shift, num_draws=num_draws,
-        prototype_data={name: value[:1] for name, value in data.items()},
+        prototype_data={name: value[:1] for name, value in data.items()}, engine=engine,
+        engine_required=required,
     )
     if cluster is None:
         outcomes = [task(0, data, theta0)]
@@ -517,6 +552,8 @@ class _ShardTask(NamedTuple):
     shift: float
     num_draws: int | None
     prototype_data: dict[str, torch.Tensor]
+    engine: str = "traced"
+    engine_required: bool = False
 
     def __call__(self, first: int, data: dict[str, torch.Tensor], theta0: dict[str, torch.Tensor]) -> dict:
         """Fit replications ``first .. first + len`` (global indices) and compute their p-values or ranks."""
@@ -528,7 +565,9 @@ class _ShardTask(NamedTuple):
             theta0 = {name: value.to(device) for name, value in theta0.items()}
             problem = _Problem(self.model, self.args, self.observed, self.prototype_data, self.seed)
             replications = _Replications(problem, data, theta0, first)
-            fit, succeeded = replications.optimise(self.guide, self.steps, self.learning_rate, self.num_particles)
+            fit, succeeded, engine, reason = replications.optimise(
+                self.guide, self.steps, self.learning_rate, self.num_particles, self.engine, self.engine_required
+            )
             with torch.no_grad():
                 loc = fit.loc + self.shift * _marginal_sd(fit.scale, self.guide)  # a deliberately biased guide
                 if self.num_draws is None:
@@ -538,7 +577,8 @@ class _ShardTask(NamedTuple):
         return {
             "first": first, "computed": computed, "loc": loc.cpu(), "scale": fit.scale.cpu(),
             "converged": fit.converged, "steps": fit.steps, "laplace_succeeded": succeeded,
-            "seconds": time.perf_counter() - started, "worker": _worker_name(),
+            "seconds": time.perf_counter() - started, "worker": _worker_name(), "engine": engine,
+            "engine_reason": reason,
         }
 
 
@@ -577,6 +617,9 @@ def _gather(outcomes: list[dict], theta0, data, problem: _Problem, guide: str):
                  for name, value in data.items()},
         "converged": joined("converged"), "steps": joined("steps"), "guide": guide,
         "laplace_succeeded": joined("laplace_succeeded"), "shards": shards,
+        "engine": ", ".join(dict.fromkeys(outcome["engine"] for outcome in outcomes)),
+        "engine_reason": "; ".join(dict.fromkeys(outcome["engine_reason"] for outcome in outcomes if
+                                                 outcome["engine_reason"])),
     }
     return fields, computed, loc, scale
 
@@ -678,12 +721,12 @@ class _Replications:
             values.update({name: messenger.values[name] for name in self.dependent_sites})
         return values
 
-    def log_joint(self, z: torch.Tensor, replications: torch.Tensor | None = None) -> torch.Tensor:
-        """``log p(y_m, T(z)) + log|det J_T(z)|`` for ``z`` of shape ``(S, A, D)``: shape ``(S, A)``, where the
-        ``A`` replications are those at positions ``replications`` (default: all ``M``)."""
+    def log_density(self, z: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        """``log p(y_m, T(z)) + log|det J_T(z)|`` for ``z`` of shape ``(S, A, D)`` and the ``A`` replications'
+        observed ``values`` (in the order of ``self.data``): shape ``(S, A)``. A pure function of its inputs,
+        which :class:`ppvi.batched.TracedBatchedStep` traces."""
         batch = z.shape[:2]
-        data = self.data if replications is None else {name: value[replications] for name, value in self.data.items()}
-        trace, messenger = self._constrained_run(z, data)
+        trace, messenger = self._constrained_run(z, dict(zip(self.data, values, strict=True)))
         with pyro.validation_enabled(False):  # a replication's non-finite density is handled, not warned about
             trace.compute_log_prob()
         total = messenger.log_abs_det_jacobian
@@ -696,14 +739,26 @@ class _Replications:
                 total = total + log_prob.broadcast_to(batch)
         return total
 
-    def negative_log_joint(self, z: torch.Tensor) -> torch.Tensor:
-        """``-(log p(y_m, T(z_m)) + log|det J|)`` for ``z`` of shape ``(M, D)``: shape ``(M,)``."""
-        return -self.log_joint(z.unsqueeze(0)).squeeze(0)
+    def log_joint(self, z: torch.Tensor, replications: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`log_density` of the replications at positions ``replications`` (default: all ``M``)."""
+        values = self.data.values()
+        if replications is not None:
+            values = [value[replications] for value in values]
+        return self.log_density(z, *values)
+
+    def negative_log_joint(self, z: torch.Tensor, replications: torch.Tensor | None = None) -> torch.Tensor:
+        """``-(log p(y_m, T(z_m)) + log|det J|)`` for ``z`` of shape ``(A, D)`` at the replications at positions
+        ``replications`` (default: all ``M``): shape ``(A,)``."""
+        return -self.log_joint(z.unsqueeze(0), replications).squeeze(0)
 
     # -- optimisation --------------------------------------------------------------------------------------------
-    def optimise(self, guide: str, steps: int | None, learning_rate: float, num_particles: int):
+    def optimise(
+        self, guide: str, steps: int | None, learning_rate: float, num_particles: int, engine: str = "pyro",
+        engine_required: bool = True,
+    ):
         """Train all replications (:func:`ppvi.batched.run`) from their batched Laplace start; returns the
-        :class:`ppvi.batched.BatchedFit` and, per replication, whether its Laplace start succeeded.
+        :class:`ppvi.batched.BatchedFit`, per replication whether its Laplace start succeeded, the engine that
+        ran and, when a traced step was asked for without ``engine_required`` and the model did not trace, why.
 
         Each replication is trained in the whitened coordinates of its own Laplace approximation, where its
         posterior is about N(0, I): one learning rate then suits replications whose posteriors differ by orders
@@ -714,13 +769,32 @@ class _Replications:
             self.negative_log_joint, self.problem.init_loc.expand(M, D), "diagonal" if guide == "meanfield" else "full"
         )
         like = start.center
-        streams = batched.ReplicationStreams(self.problem.seed, TRAINING_STREAM, like.device, like.dtype)
-        fit = batched.run(
-            self.log_joint, start, guide, max_steps=steps if steps is not None else DEFAULT_MAX_STEPS,
-            stopping=steps is None, learning_rate=learning_rate, num_particles=num_particles, streams=streams,
-            replication_index=self.index,
+
+        def training_streams() -> batched.ReplicationStreams:
+            return batched.ReplicationStreams(
+                self.problem.seed, TRAINING_STREAM, like.device, like.dtype,
+                batched.training_draws_per_call(num_particles, D, StoppingRule().window),
+            )
+
+        streams = training_streams()
+        options = dict(
+            max_steps=steps if steps is not None else DEFAULT_MAX_STEPS, stopping=steps is None,
+            learning_rate=learning_rate, num_particles=num_particles, replication_index=self.index,
+            data=tuple(self.data.values()),
         )
-        return fit, start.succeeded.cpu().numpy()
+        reason = ""
+        if engine != "pyro":
+            step = batched.TracedBatchedStep(guide, self.log_density, compile=engine == "compiled")
+            try:
+                fit = batched.run(step, start, guide, streams=streams, **options)
+                return fit, start.succeeded.cpu().numpy(), engine, reason
+            except NotTraceableError as error:
+                if engine_required:
+                    raise ValueError(f"engine={engine!r}: {error}; use engine='pyro' for this model") from error
+                reason = str(error)
+            streams = training_streams()
+        fit = batched.run(batched.eager_step(guide, self.log_density), start, guide, streams=streams, **options)
+        return fit, start.succeeded.cpu().numpy(), "pyro", reason
 
     # -- calibration ---------------------------------------------------------------------------------------------
     def _guide_draws(self, loc, scale, guide, count: int, purpose: int) -> torch.Tensor:

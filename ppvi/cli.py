@@ -576,7 +576,7 @@ def _command_calibration(arguments: argparse.Namespace, console: _Console) -> in
         )
     options = dict(observed=arguments.observed, guide=arguments.guide, num_simulations=arguments.num_simulations,
                    steps=arguments.steps, seed=arguments.seed, device=arguments.device,
-                   num_shards=arguments.num_shards)
+                   num_shards=arguments.num_shards, engine=arguments.engine)
     with _dask_client(arguments, console) as client:
         if client is not None and model.__module__.startswith(_FILE_MODULE_PREFIX):
             import cloudpickle  # Dask's serializer
@@ -593,7 +593,9 @@ def _command_calibration(arguments: argparse.Namespace, console: _Console) -> in
             result = ppvi.sbc(model, *args, num_draws=arguments.num_draws, cluster=client, **options)
             table, good = result.to_dataframe(), "uniform"
     console.result(f"{kind.upper()} of {result.guide} ADVI: {result.num_simulations} replications, "
-                   f"{result.num_converged} converged, {result.seconds:.1f} s")
+                   f"{result.num_converged} converged, {result.seconds:.1f} s ({result.engine} engine)")
+    if result.engine_reason:
+        console.result(f"trained through Pyro: {result.engine_reason}")
     if client is not None:
         console.result(_table(result.shards.set_index("first")))
     console.result(_table(table))
@@ -736,6 +738,9 @@ def _calibration_options(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--steps", type=int, help="train every replication this many steps (default: its own rule)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    parser.add_argument("--engine", default="auto", choices=("auto", "pyro", "traced", "compiled"),
+                        help="training path: compiled (TorchInductor; from 500 replications under auto), traced, "
+                             "or pyro (default auto)")
     cluster = parser.add_argument_group("cluster (pip install 'ppvi[distributed]')")
     cluster.add_argument("--scheduler", metavar="ADDRESS",
                          help="fit the replications in shards on the Dask cluster whose scheduler is at ADDRESS "

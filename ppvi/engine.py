@@ -47,10 +47,15 @@ __all__ = [
     "Engine",
     "NotTraceableError",
     "TracedStep",
+    "adam_arithmetic",
     "adam_init",
     "adam_update",
+    "bias_corrections",
+    "small_matrix_product",
+    "small_triangular_solve",
     "keep_replications",
     "trace_step",
+    "tracing_failure",
 ]
 
 Engine = Literal["auto", "pyro", "traced", "compiled"]
@@ -91,14 +96,14 @@ def adam_init(parameters: Sequence[torch.Tensor]) -> AdamState:
     return AdamState(0, zeros, tuple(torch.zeros_like(zero) for zero in zeros))
 
 
-def _bias_corrections(step: int) -> tuple[float, float]:
+def bias_corrections(step: int) -> tuple[float, float]:
     """``(1 - beta1^t, sqrt(1 - beta2^t))`` after ``t = step`` updates, computed on the host as torch.optim.Adam
     does, so both paths round alike."""
     beta1, beta2 = ADAM_BETAS
     return 1 - beta1**step, math.sqrt(1 - beta2**step)
 
 
-def _adam_arithmetic(
+def adam_arithmetic(
     parameters: Sequence[torch.Tensor],
     gradients: Sequence[torch.Tensor],
     first_moment: Sequence[torch.Tensor],
@@ -152,8 +157,8 @@ def adam_update(
         rate and epsilon: the batched calibration engine trains ``M`` replications in different stages at once.
     """
     step = state.step + 1
-    correction1, correction2_sqrt = _bias_corrections(step)
-    new_parameters, first, second = _adam_arithmetic(
+    correction1, correction2_sqrt = bias_corrections(step)
+    new_parameters, first, second = adam_arithmetic(
         parameters, gradients, state.first_moment, state.second_moment, learning_rate / correction1,
         correction2_sqrt, epsilon,
     )
@@ -297,7 +302,7 @@ class TracedStep:
     def __call__(self, learning_rate: float) -> torch.Tensor:
         """Take one step at ``learning_rate``; returns the loss before the step (detached)."""
         self._step += 1
-        correction1, correction2_sqrt = _bias_corrections(self._step)
+        correction1, correction2_sqrt = bias_corrections(self._step)
         if self._scalar_view is not None:
             self._scalar_view[0] = learning_rate / correction1
             self._scalar_view[1] = correction2_sqrt
@@ -361,7 +366,7 @@ def trace_step(
         gradients = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, gradients, strict=True)]
         if max_gradient_norm is not None:
             gradients = _clip(gradients, max_gradient_norm)
-        new_parameters, new_first, new_second = _adam_arithmetic(
+        new_parameters, new_first, new_second = adam_arithmetic(
             [leaf.detach() for leaf in leaves], gradients, first, second, step_size, correction2_sqrt, epsilon
         )
         # The new state is written over the old one inside the graph (TorchInductor writes the mutated inputs
@@ -387,7 +392,7 @@ def trace_step(
     except NotTraceableError:
         raise
     except Exception as error:  # the tracer's own refusals: data-dependent control flow, unsupported operations
-        raise NotTraceableError(_tracing_failure(error)) from error
+        raise NotTraceableError(tracing_failure(error)) from error
     finally:  # tracing made draws of its own: put the stream back so that training starts where Pyro's would
         torch.random.set_rng_state(state)
         if cuda_state is not None:
@@ -399,10 +404,10 @@ def trace_step(
     return TracedStep(function, parameters, draws, epsilon, "compiled" if compile else "traced")
 
 
-def _tracing_failure(error: Exception) -> str:
+def tracing_failure(error: Exception) -> str:
     """Why tracing failed, in one line."""
     text = str(error)
-    if "_local_scalar_dense" in text or "data-dependent" in text:
+    if "_local_scalar_dense" in text or "data-dependent" in text or "DataDependent" in type(error).__name__:
         return (
             "the model reads a sampled value on the host (control flow such as `if x > 0`, `float(x)` or "
             "`x.item()`), which one traced graph cannot follow"
@@ -464,12 +469,12 @@ def _inductor_compile(graph: torch.fx.GraphModule, example: tuple, draws: list[_
 SMALL_MATRIX_SIDE = 16
 
 
-def _small_matrix_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+def small_matrix_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """``left @ right`` for ``(..., m, k) @ (..., k, n)`` as a broadcast product summed over ``k``."""
     return (left.unsqueeze(-1) * right.unsqueeze(-3)).sum(-2)
 
 
-def _small_triangular_solve(
+def small_triangular_solve(
     matrix: torch.Tensor, right_side: torch.Tensor, upper: bool, unitriangular: bool
 ) -> torch.Tensor:
     """``matrix^-1 right_side`` for a triangular ``(..., n, n)`` matrix by substitution written out row by row."""
@@ -492,14 +497,14 @@ class _SmallLinearAlgebraInliner(torch.fx.Interpreter):
     def call_function(self, target, args, kwargs):
         aten = torch.ops.aten
         if target in (aten.mm.default, aten.bmm.default) and args[0].shape[-1] <= SMALL_MATRIX_SIDE:
-            return _small_matrix_product(args[0], args[1])
+            return small_matrix_product(args[0], args[1])
         if target is aten.mv.default and args[0].shape[-1] <= SMALL_MATRIX_SIDE:
-            return _small_matrix_product(args[0], args[1].unsqueeze(-1)).squeeze(-1)
+            return small_matrix_product(args[0], args[1].unsqueeze(-1)).squeeze(-1)
         if (
             target is aten.linalg_solve_triangular.default and kwargs.get("left", True)
             and args[0].shape[-1] <= SMALL_MATRIX_SIDE
         ):
-            return _small_triangular_solve(
+            return small_triangular_solve(
                 args[0], args[1], kwargs["upper"], kwargs.get("unitriangular", False)
             )
         return super().call_function(target, args, kwargs)

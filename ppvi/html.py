@@ -158,6 +158,7 @@ def _calibration_fields(result: VSBCResult | SBCResult) -> list[tuple[str, Any]]
         ("converged", f"{result.num_converged} of {result.num_simulations}"),
         ("Laplace starts", f"{int(result.laplace_succeeded.sum())} of {result.num_simulations}"),
         ("seconds", float(result.seconds)),
+        ("engine", result.engine + (f" ({result.engine_reason})" if result.engine_reason else "")),
     ]
     shards = getattr(result, "shards", None)
     if shards is not None and len(shards) and set(shards["worker"]) != {"local"}:

@@ -249,28 +249,30 @@ class BatchedLaplaceStart(NamedTuple):
 
 
 def batched_derivatives(
-    negative_log_density: Callable[[torch.Tensor], torch.Tensor], point: torch.Tensor
+    negative_log_density: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    point: torch.Tensor,
+    rows: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Value ``(M,)``, gradient ``(M, D)`` and Hessian ``(M, D, D)`` of ``M`` independent densities at ``point``.
+    """Value ``(K,)``, gradient ``(K, D)`` and Hessian ``(K, D, D)`` of ``K`` independent densities at ``point``.
 
-    ``negative_log_density`` maps ``(M, D)`` to ``(M,)`` with row ``m`` depending on ``point[m]`` only, so the
-    Hessian of the *sum* is block diagonal and ``D`` Hessian-vector products (one per coordinate, all replications
-    at once) give every block.
+    ``negative_log_density(z, rows)`` maps ``z`` ``(K, D)`` at the replications ``rows`` ``(K,)`` to ``(K,)``,
+    with row ``k`` depending on ``z[k]`` only, so the Hessian of the *sum* is block diagonal and ``D``
+    Hessian-vector products (one per coordinate, all replications at once) give every block.
     """
     point = point.detach().requires_grad_(True)
     with torch.enable_grad():
-        value = negative_log_density(point)
+        value = negative_log_density(point, rows)
         (gradient,) = torch.autograd.grad(value.sum(), point, create_graph=True)
         dimension = point.shape[-1]
-        rows = [
+        hessian_rows = [
             torch.autograd.grad(gradient[:, d].sum(), point, retain_graph=d + 1 < dimension)[0]
             for d in range(dimension)
         ]
-    return value.detach(), gradient.detach(), torch.stack(rows, dim=-2).detach()
+    return value.detach(), gradient.detach(), torch.stack(hessian_rows, dim=-2).detach()
 
 
 def batched_laplace_start(
-    negative_log_density: Callable[[torch.Tensor], torch.Tensor],
+    negative_log_density: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     initial: torch.Tensor,
     structure: Literal["full", "diagonal"],
 ) -> BatchedLaplaceStart:
@@ -281,12 +283,14 @@ def batched_laplace_start(
     decrement falls below :data:`BATCHED_NEWTON_DECREMENT_TOLERANCE`, and one whose density or derivatives are
     not finite is marked failed. The L-BFGS start of :func:`laplace_start` serves one model; this one serves the
     ``M`` simulated data sets of VSBC/SBC, where one Newton step for all replications costs ``D`` batched
-    Hessian-vector products.
+    Hessian-vector products. Each iteration evaluates only the replications still searching: a few without a
+    mode (eight schools' ``tau -> 0``) run to the iteration cap, and they alone pay for it.
 
     Parameters
     ----------
     negative_log_density : callable
-        ``(M, D) -> (M,)``, row ``m`` a function of ``z[m]`` only; non-finite where a point is out of support.
+        ``(z, rows) -> (K,)`` for points ``z`` ``(K, D)`` of the replications at positions ``rows`` ``(K,)``
+        (in ``0..M-1``); row ``k`` a function of ``z[k]`` only; non-finite where a point is out of support.
     initial : torch.Tensor
         ``(M, D)`` starting points.
     structure : {"full", "diagonal"}
@@ -298,31 +302,40 @@ def batched_laplace_start(
     identity = torch.eye(D, dtype=initial.dtype, device=initial.device)
     done = torch.zeros(M, dtype=torch.bool, device=initial.device)
     failed = torch.zeros_like(done)
-    value, gradient, hessian = batched_derivatives(negative_log_density, z)
+    value, gradient, hessian = batched_derivatives(
+        negative_log_density, z, torch.arange(M, device=initial.device)
+    )
     for _ in range(BATCHED_NEWTON_MAX_ITERATIONS):
         failed = failed | ~(torch.isfinite(value) & torch.isfinite(hessian).flatten(1).all(-1))
         failed = failed | ~torch.isfinite(gradient).all(-1)
         done = done | failed
         hessian = torch.where(failed[:, None, None], identity, hessian)
         gradient = torch.where(failed[:, None], torch.zeros_like(gradient), gradient)
-        factor, info = torch.linalg.cholesky_ex(hessian + damping[:, None, None] * identity)
+        searching = (~done).nonzero().squeeze(-1)
+        open_hessian, open_gradient, open_damping = hessian[searching], gradient[searching], damping[searching]
+        factor, info = torch.linalg.cholesky_ex(open_hessian + open_damping[:, None, None] * identity)
         while bool((info > 0).any()):  # not positive definite: more damping, until a descent direction
-            damping = torch.where(info > 0, damping * 10.0, damping)
-            factor, info = torch.linalg.cholesky_ex(hessian + damping[:, None, None] * identity)
-        step = -torch.cholesky_solve(gradient.unsqueeze(-1), factor).squeeze(-1)
+            open_damping = torch.where(info > 0, open_damping * 10.0, open_damping)
+            factor, info = torch.linalg.cholesky_ex(open_hessian + open_damping[:, None, None] * identity)
+        step = -torch.cholesky_solve(open_gradient.unsqueeze(-1), factor).squeeze(-1)
         # Newton decrement: half the predicted decrease of the objective along the step.
-        decrement = -(gradient * step).sum(-1)
-        done = done | (torch.isfinite(value) & (decrement < BATCHED_NEWTON_DECREMENT_TOLERANCE))
+        decrement = -(open_gradient * step).sum(-1)
+        stopped = torch.isfinite(value[searching]) & (decrement < BATCHED_NEWTON_DECREMENT_TOLERANCE)
+        done[searching[stopped]] = True
         if bool(done.all()):
             break
-        candidate = torch.where(done[:, None], z, z + step)
+        moving, step, open_damping = searching[~stopped], step[~stopped], open_damping[~stopped]
+        candidate = z[moving] + step
         with torch.no_grad():
-            candidate_value = negative_log_density(candidate)
-        improved = ~done & torch.isfinite(candidate_value) & (candidate_value < value)
-        z = torch.where(improved[:, None], candidate, z)
-        damping = torch.where(improved, (damping / 3.0).clamp_min(1e-12), damping * 10.0)
+            candidate_value = negative_log_density(candidate, moving)
+        improved = torch.isfinite(candidate_value) & (candidate_value < value[moving])
+        damping[moving] = torch.where(improved, (open_damping / 3.0).clamp_min(1e-12), open_damping * 10.0)
         if bool(improved.any()):
-            value, gradient, hessian = batched_derivatives(negative_log_density, z)
+            better = moving[improved]
+            z[better] = candidate[improved]
+            value[better], gradient[better], hessian[better] = batched_derivatives(
+                negative_log_density, z[better], better
+            )
     hessian = 0.5 * (hessian + hessian.transpose(-1, -2))
     cholesky, info = torch.linalg.cholesky_ex(hessian)
     succeeded = done & ~failed & (info == 0) & torch.isfinite(z).all(-1)
