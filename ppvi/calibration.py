@@ -36,7 +36,6 @@ from torch.distributions import biject_to
 
 from ppvi import batched
 from ppvi.constrain import ConstrainMessenger
-from ppvi.convergence import StoppingRule
 from ppvi.engine import NotTraceableError
 from ppvi.guides import MeanFieldGuide
 from ppvi.initialization import batched_laplace_start
@@ -773,7 +772,7 @@ class _Replications:
         def training_streams() -> batched.ReplicationStreams:
             return batched.ReplicationStreams(
                 self.problem.seed, TRAINING_STREAM, like.device, like.dtype,
-                batched.training_draws_per_call(num_particles, D, StoppingRule().window),
+                batched.training_draws_per_call(num_particles, D),
             )
 
         streams = training_streams()
