@@ -386,7 +386,7 @@ class TracedBatchedStep:
     log_density : callable
         As :func:`step_arithmetic`'s.
     compile : bool
-        Compile the graph (a cold compilation takes some ten seconds on a small CPU; TorchInductor caches it on
+        Compile the graph (a cold compilation takes 15-20 s on a 2-core CPU; TorchInductor caches it on
         disk).
 
     Raises

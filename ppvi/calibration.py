@@ -70,9 +70,11 @@ MONTE_CARLO_DRAWS = 1000
 #: The training paths of :func:`vsbc` and :func:`sbc` (its ``engine`` option).
 ENGINES = ("auto", "pyro", "traced", "compiled")
 CalibrationEngine = Literal["auto", "pyro", "traced", "compiled"]
-#: From this many replications ``engine="auto"`` compiles the batched step. A cold compilation costs about ten
-#: seconds on a 2-core CPU; measured on eight schools (``benchmarks/vsbc_speed.py``), the compiled step saves
-#: about that much from M of some 500 on, and every run after the first finds the compilation cached on disk.
+#: From this many replications ``engine="auto"`` compiles the batched step. Measured on eight schools, mean-field,
+#: one thread of a 2-core CPU (``benchmarks/vsbc_speed.py``): at M = 1000 the compiled step saves 14 s of a 21 s
+#: run once it is in TorchInductor's disk cache, and a machine's first run pays about 19 s of cold compilation. The
+#: graph does not depend on M or on the simulated data, so that first compilation serves every later run; from
+#: M = 500 the saving repays it within a few runs, below that the Pyro step costs a few seconds at most.
 COMPILE_MIN_SIMULATIONS = 500
 
 
@@ -398,7 +400,7 @@ def vsbc(
         How the batched training step runs (:mod:`ppvi.batched`). ``"pyro"`` runs the model through Pyro at
         every step. ``"traced"`` traces the step (model, gradient and Adam) once into one graph for every batch
         size (:class:`ppvi.batched.TracedBatchedStep`) and replays it; ``"compiled"`` also compiles that graph
-        with TorchInductor, several times faster per step but with a cold compilation of some ten seconds on a
+        with TorchInductor, several times faster per step but with a cold compilation of 15-20 s on a
         small CPU (cached on disk for later runs). ``"auto"`` compiles when there are at least
         :data:`COMPILE_MIN_SIMULATIONS` replications (where compiling repays itself) and runs Pyro below that. A
         model that does not trace (control flow on sampled values, random draws of its own) trains through Pyro
