@@ -482,6 +482,10 @@ def _process_group(backend: str, init_method: str, rank: int | None = None,
                                        timeout=COLLECTIVE_TIMEOUT)
     try:
         yield
+        # Every rank reaches the teardown before any destroys its group: a rank whose peer had already closed
+        # gloo's connections aborted in C++ ("terminate called without an active exception", SIGABRT) in one CI
+        # run of tests/test_data_parallel.py. Not on the error path, where a peer may never arrive.
+        distributed.barrier()
     finally:
         distributed.destroy_process_group()
 
