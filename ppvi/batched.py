@@ -364,10 +364,14 @@ def step_arithmetic(
     return (*new_parameters, *new_first, *new_second, per_replication.detach(), current_loc, current_scale)
 
 
+def parameter_count(guide: GuideFamily) -> int:
+    """Tensors of a batched guide: loc and raw scale, plus the factor's lower triangle for ``"fullrank"``."""
+    return 2 if guide == "meanfield" else 3
+
+
 def eager_step(guide: GuideFamily, log_density: Callable[..., torch.Tensor]) -> StepFunction:
     """:func:`step_arithmetic` run as it is: the model's Python (Pyro's tracing) at every step."""
-    count = 2 if guide == "meanfield" else 3
-    return functools.partial(step_arithmetic, guide, log_density, count)
+    return functools.partial(step_arithmetic, guide, log_density, parameter_count(guide))
 
 
 class TracedBatchedStep:
@@ -403,7 +407,7 @@ class TracedBatchedStep:
         self._function: Callable | None = None
 
     def _arithmetic(self) -> StepFunction:
-        return functools.partial(step_arithmetic, self.guide, self.log_density, 2 if self.guide == "meanfield" else 3)
+        return eager_step(self.guide, self.log_density)
 
     def _trace(self, inputs: tuple[torch.Tensor, ...]) -> Callable:
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -414,7 +418,7 @@ class TracedBatchedStep:
         # shapes stay constants. Every replication dimension has the same size, so duck shaping gives them one
         # symbol; a constant dimension never joins it, whatever its size.
         mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
-        count = 2 if self.guide == "meanfield" else 3
+        count = parameter_count(self.guide)
 
         def fake(position: int, value: torch.Tensor) -> torch.Tensor:
             dynamic = [DimDynamic.STATIC] * value.dim()
@@ -480,7 +484,7 @@ class TracedBatchedStep:
         A = inputs[0].shape[0]
         if A < 3:
             return
-        count = 2 if self.guide == "meanfield" else 3
+        count = parameter_count(self.guide)
         smaller = tuple(
             value if i == 3 * count + 1 else value.narrow(1 if i == 3 * count + 3 else 0, 0, A - 1).contiguous()
             for i, value in enumerate(inputs)
@@ -504,7 +508,7 @@ class TracedBatchedStep:
                 )
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        count = 2 if self.guide == "meanfield" else 3
+        count = parameter_count(self.guide)
         A = inputs[0].shape[0]
         if A == 1:
             # Compiled graphs specialise a dimension of size 1 (and retrace for it): a lone replication is run as
