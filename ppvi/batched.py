@@ -8,8 +8,9 @@ loss depends only on its own parameters, so the summed loss gives every replicat
 
 The state is a NamedTuple and the step a pure function of it (NumPyro's ``svi.py`` ``init``/``update``, blackjax's
 ``vi/`` modules): :func:`init` builds a :class:`BatchedState` from a batched Laplace start, :func:`update` takes
-one Adam step of the replications still training, :func:`end_window` applies the stopping rule and the stage rule
-of :mod:`ppvi.training` at the end of each window and freezes finished replications, and :func:`run` is the loop.
+one Adam step of the replications in it, and :func:`keep` drops those that stopped. The loop is
+:func:`ppvi.training.run_batch`, the one ``ppvi.fit`` trains through: :func:`run` hands it these three functions,
+and it applies each replication's stages, stopping rule, averaging and checks.
 
 The arithmetic of a step is one pure function of tensors, :func:`step_arithmetic`. :func:`eager_step` runs it as it
 is (the model through Pyro at every step); :class:`TracedBatchedStep` traces it once, model, gradient and Adam,
@@ -39,14 +40,14 @@ import torch
 
 from ppvi import engine as engines
 from ppvi import training
-from ppvi.convergence import StoppingRule, is_stationary
+from ppvi.convergence import StoppingRule
 from ppvi.fit import PRECONDITIONED_ADAM_EPSILON
 from ppvi.guides import DEFAULT_INIT_SCALE, factor_row_scale
 from ppvi.initialization import BatchedLaplaceStart
 
 __all__ = [
     "RANDOM_BLOCK_SIZE", "ReplicationStreams", "BatchedState", "BatchedFit", "StepFunction", "TracedBatchedStep",
-    "eager_step", "end_window", "init", "log_density_of", "run", "step_arithmetic", "training_draws_per_call", "update",
+    "eager_step", "init", "keep", "log_density_of", "run", "step_arithmetic", "training_draws_per_call", "update",
 ]
 
 GuideFamily = Literal["meanfield", "fullrank"]
@@ -161,49 +162,40 @@ def training_draws_per_call(num_particles: int, dimension: int) -> int:
 
 
 class BatchedState(NamedTuple):
-    """The state of a batched Gaussian fit between steps.
+    """The state of the ``A`` replications still training, between steps: what :func:`update` takes and returns,
+    every field's leading dimension the replication (the :class:`ppvi.training.Stepper` state of
+    :func:`ppvi.training.run_batch`).
 
     Attributes
     ----------
     parameters : tuple of torch.Tensor
-        Of the ``A`` replications still training, in each one's whitened coordinates: ``loc`` ``(A, D)``,
-        softplus-inverse scales ``(A, D)`` and, for ``"fullrank"``, the strictly lower triangle ``(A, D, D)``.
+        In each replication's whitened coordinates: ``loc`` ``(A, D)``, softplus-inverse scales ``(A, D)`` and, for
+        ``"fullrank"``, the strictly lower triangle ``(A, D, D)``.
     adam : ppvi.engine.AdamState
         Adam's moments of ``parameters``.
-    active : torch.Tensor
-        The positions (in ``0..M-1``) of the replications still training, ascending.
-    step : int
-        Steps taken.
-    stage, stage_start : numpy.ndarray
-        Per replication: the index into :data:`ppvi.training.STAGES` and the step the stage began.
-    step_factor : torch.Tensor
-        Per replication: ``STAGES[stage]``, the factor on the learning rate.
-    window_loc, window_scale : torch.Tensor
-        Sums of the unwhitened iterates of the current window (for Polyak averaging), of the active replications.
-    window_count : int
-        Iterates summed.
-    final_loc, final_scale : torch.Tensor
-        The averaged fits of the frozen replications (zeros for those still training).
-    converged : numpy.ndarray
-        Per replication, whether it stopped on the stopping rule.
-    steps_taken : numpy.ndarray
-        Per replication, steps trained (the cap for those still training).
+    replications : torch.Tensor
+        The global index of each (what :class:`ReplicationStreams` is keyed by).
+    center, factor : torch.Tensor
+        Each one's Laplace centre ``(A, D)`` and whitening factor (``(A, D)`` or ``(A, D, D)``).
+    epsilon : torch.Tensor
+        Adam's epsilon of each ``(A,)``: :data:`~ppvi.fit.PRECONDITIONED_ADAM_EPSILON` where the Laplace start
+        succeeded, :data:`RAW_ADAM_EPSILON` where it did not.
+    data : tuple of torch.Tensor
+        Each one's data, each ``(A, ...)``.
+    loc, scale : torch.Tensor
+        The current iterate, unwhitened: what the loop averages (``(A, D)`` and ``(A, D)`` sds or ``(A, D, D)``
+        Cholesky factors).
     """
 
     parameters: tuple[torch.Tensor, ...]
     adam: engines.AdamState
-    active: torch.Tensor
-    step: int
-    stage: np.ndarray
-    stage_start: np.ndarray
-    step_factor: torch.Tensor
-    window_loc: torch.Tensor | None
-    window_scale: torch.Tensor | None
-    window_count: int
-    final_loc: torch.Tensor
-    final_scale: torch.Tensor
-    converged: np.ndarray
-    steps_taken: np.ndarray
+    replications: torch.Tensor
+    center: torch.Tensor
+    factor: torch.Tensor
+    epsilon: torch.Tensor
+    data: tuple[torch.Tensor, ...]
+    loc: torch.Tensor
+    scale: torch.Tensor
 
 
 class BatchedFit(NamedTuple):
@@ -276,10 +268,22 @@ def log_density_of(guide: GuideFamily, loc: torch.Tensor, scale: torch.Tensor, w
     return -0.5 * whitened.pow(2).sum(-2).T - log_determinant - 0.5 * dimension * math.log(2 * math.pi)
 
 
-def init(start: BatchedLaplaceStart, guide: GuideFamily) -> BatchedState:
+def init(
+    start: BatchedLaplaceStart, guide: GuideFamily, replications: torch.Tensor, data: Sequence[torch.Tensor] = ()
+) -> BatchedState:
     """The state before the first step: ``q = N(0, I)`` in the whitened coordinates of each replication's Laplace
     approximation; a replication without a usable mode starts at its (prior-median) centre with scale
-    :data:`ppvi.guides.DEFAULT_INIT_SCALE` in unconstrained units, as :func:`ppvi.fit` does."""
+    :data:`ppvi.guides.DEFAULT_INIT_SCALE` in unconstrained units, as :func:`ppvi.fit` does.
+
+    Parameters
+    ----------
+    start : BatchedLaplaceStart
+        Each replication's centre and whitening factor (:func:`ppvi.initialization.batched_laplace_start`).
+    replications : torch.Tensor
+        The global index of each of the ``M`` replications (what the noise streams are keyed by).
+    data : sequence of torch.Tensor
+        The replications' data, each ``(M, ...)``.
+    """
     M, D = start.center.shape
     like = start.center
     raw_unit = math.log(math.expm1(1.0))  # softplus^{-1}(1)
@@ -288,16 +292,16 @@ def init(start: BatchedLaplaceStart, guide: GuideFamily) -> BatchedState:
     parameters = [torch.zeros_like(like), raw.unsqueeze(-1).expand(M, D).clone()]
     if guide == "fullrank":
         parameters.append(torch.zeros(M, D, D, dtype=like.dtype, device=like.device))
-    final_scale_shape = (M, D) if guide == "meanfield" else (M, D, D)
+    epsilon = torch.where(
+        start.succeeded, torch.tensor(PRECONDITIONED_ADAM_EPSILON, dtype=like.dtype, device=like.device),
+        RAW_ADAM_EPSILON,
+    )
+    whitened_scale = scale_of(guide, *parameters[1:])
+    scale = start.factor * whitened_scale if guide == "meanfield" else start.factor @ whitened_scale
     return BatchedState(
-        parameters=tuple(parameters), adam=engines.adam_init(parameters),
-        active=torch.arange(M, device=like.device), step=0,
-        stage=np.zeros(M, dtype=int), stage_start=np.zeros(M, dtype=int),
-        step_factor=torch.full((M,), training.STAGES[0], dtype=like.dtype, device=like.device),
-        window_loc=None, window_scale=None, window_count=0,
-        final_loc=torch.zeros_like(like), final_scale=torch.zeros(final_scale_shape, dtype=like.dtype,
-                                                                  device=like.device),
-        converged=np.zeros(M, dtype=bool), steps_taken=np.zeros(M, dtype=int),
+        parameters=tuple(parameters), adam=engines.adam_init(parameters), replications=replications,
+        center=start.center, factor=start.factor, epsilon=epsilon, data=tuple(data),
+        loc=transform(guide, start.center, start.factor, parameters[0]), scale=scale,
     )
 
 
@@ -527,111 +531,48 @@ class TracedBatchedStep:
 
 def update(
     state: BatchedState,
-    start: BatchedLaplaceStart,
     step: StepFunction,
-    noise: torch.Tensor,
-    learning_rate: float,
-    data: Sequence[torch.Tensor] = (),
+    learning_rates: np.ndarray | torch.Tensor,
+    streams: ReplicationStreams,
+    num_particles: int,
 ) -> tuple[BatchedState, torch.Tensor]:
-    """One Adam step of the replications still training; returns the new state and their losses ``(A,)``.
+    """One Adam step of the replications in ``state``; returns the new state and their losses ``(A,)``.
 
     Parameters
     ----------
     step : callable
-        :func:`eager_step` or :func:`trace_step`: the arithmetic of :func:`step_arithmetic`.
-    noise : torch.Tensor
-        ``(S, A, D)`` standard normal draws.
-    data : sequence of torch.Tensor
-        The active replications' data, each ``(A, ...)``, passed on to the log density.
+        :func:`eager_step` or a :class:`TracedBatchedStep`: the arithmetic of :func:`step_arithmetic`.
+    learning_rates : numpy.ndarray or torch.Tensor
+        Each replication's learning rate ``(A,)`` (the loop's rate times its stage's factor).
+    streams : ReplicationStreams
+        The source of the noise, ``num_particles`` draws per replication.
     """
-    active = state.active
-    like = start.center
+    like = state.center
+    noise = streams.normal((num_particles,), state.replications, (like.shape[-1],))
     correction1, correction2_sqrt = engines.bias_corrections(state.adam.step + 1)
-    epsilon = torch.where(
-        start.succeeded[active],
-        torch.tensor(PRECONDITIONED_ADAM_EPSILON, dtype=like.dtype, device=like.device),
-        RAW_ADAM_EPSILON,
-    )
+    step_size = torch.as_tensor(learning_rates, dtype=like.dtype).to(like.device) / correction1
     k = len(state.parameters)
     outputs = step(
-        *state.parameters, *state.adam.first_moment, *state.adam.second_moment,
-        learning_rate * state.step_factor[active] / correction1,
-        torch.tensor([correction2_sqrt], dtype=like.dtype, device=like.device), epsilon, noise,
-        start.center[active], start.factor[active], *data,
+        *state.parameters, *state.adam.first_moment, *state.adam.second_moment, step_size,
+        torch.tensor([correction2_sqrt], dtype=like.dtype, device=like.device), state.epsilon, noise,
+        state.center, state.factor, *state.data,
     )
     parameters, first, second = outputs[:k], outputs[k : 2 * k], outputs[2 * k : 3 * k]
-    losses, current_loc, current_scale = outputs[3 * k :]
-    if state.window_count == 0:
-        window_loc, window_scale = current_loc, current_scale
-    else:
-        window_loc, window_scale = state.window_loc + current_loc, state.window_scale + current_scale
+    losses, loc, scale = outputs[3 * k :]
     new_state = state._replace(
         parameters=tuple(parameters), adam=engines.AdamState(state.adam.step + 1, tuple(first), tuple(second)),
-        step=state.step + 1, window_loc=window_loc, window_scale=window_scale, window_count=state.window_count + 1,
+        loc=loc, scale=scale,
     )
     return new_state, losses
 
 
-def end_window(
-    state: BatchedState, losses: np.ndarray, finish: bool, stopping: bool, rule: StoppingRule
-) -> BatchedState:
-    """At the end of a window: advance stationary replications to the next of :data:`ppvi.training.STAGES`
-    (:func:`ppvi.training.advance_stages`), freeze those past the last stage -- and all of them when ``finish``
-    -- at the average of the window's iterates (Polyak averaging), and drop them from the batch.
-
-    Parameters
-    ----------
-    losses : numpy.ndarray
-        ``(steps so far, M)`` losses (NaN where a replication was frozen).
-    finish : bool
-        The step cap is reached: freeze every replication still training.
-    stopping : bool
-        Whether the stopping rule applies (``False`` for a fixed number of steps).
-    """
-    window = rule.window
-    average_loc, average_scale = state.window_loc / state.window_count, state.window_scale / state.window_count
-    positions = np.arange(len(state.active))  # positions in the active batch
-    global_index = state.active.cpu().numpy()
-    stage, stage_start = state.stage.copy(), state.stage_start.copy()
-    step_factor, converged = state.step_factor.clone(), state.converged.copy()
-    if finish:
-        newly = positions
-    elif stopping:
-        stationary = np.asarray([
-            i for i, m in zip(positions, global_index, strict=True)
-            if np.isfinite(losses[-2 * window :, m]).all() and is_stationary(losses[stage_start[m] :, m], rule)
-        ], dtype=int)
-        advanced, finished = training.advance_stages(stage[global_index[stationary]])
-        moving = stationary[~finished]
-        stage[global_index[moving]] = advanced[~finished]
-        stage_start[global_index[moving]] = state.step
-        step_factor[torch.as_tensor(global_index[moving], dtype=torch.long)] = torch.as_tensor(
-            [training.STAGES[k] for k in advanced[~finished]], dtype=step_factor.dtype
-        ).to(step_factor.device)
-        newly = np.sort(stationary[finished])
-        converged[global_index[newly]] = True
-    else:
-        newly = np.zeros(0, dtype=int)
-    state = state._replace(
-        stage=stage, stage_start=stage_start, step_factor=step_factor, converged=converged,
-        window_loc=None, window_scale=None, window_count=0,
-    )
-    if len(newly) == 0:
-        return state
-    device = state.active.device
-    frozen = torch.as_tensor(global_index[newly], dtype=torch.long, device=device)
-    newly_positions = torch.as_tensor(newly, dtype=torch.long, device=device)
-    final_loc, final_scale = state.final_loc.clone(), state.final_scale.clone()
-    final_loc[frozen] = average_loc[newly_positions]
-    final_scale[frozen] = average_scale[newly_positions]
-    steps_taken = state.steps_taken.copy()
-    steps_taken[global_index[newly]] = state.step
-    keep = torch.ones(len(state.active), dtype=torch.bool, device=device)
-    keep[newly_positions] = False
-    return state._replace(
-        parameters=tuple(parameter[keep] for parameter in state.parameters),
-        adam=engines.keep_replications(state.adam, keep), active=state.active[keep],
-        final_loc=final_loc, final_scale=final_scale, steps_taken=steps_taken,
+def keep(state: BatchedState, rows: torch.Tensor) -> BatchedState:
+    """The state of the replications where the boolean mask ``rows`` ``(A,)`` holds (the others stopped)."""
+    return BatchedState(
+        parameters=tuple(parameter[rows] for parameter in state.parameters),
+        adam=engines.keep_replications(state.adam, rows), replications=state.replications[rows],
+        center=state.center[rows], factor=state.factor[rows], epsilon=state.epsilon[rows],
+        data=tuple(value[rows] for value in state.data), loc=state.loc[rows], scale=state.scale[rows],
     )
 
 
@@ -648,7 +589,9 @@ def run(
     replication_index: torch.Tensor,
     data: Sequence[torch.Tensor] = (),
 ) -> BatchedFit:
-    """Train all replications until each is frozen (see :func:`end_window`) or ``max_steps``.
+    """Train all replications through :func:`ppvi.training.run_batch`, the loop ``ppvi.fit`` trains through, with
+    the stopping rule's window (100 steps) as the check interval: each replication stops by the rule, with its own
+    stages, averaging and non-finite and divergence checks, and leaves the batch.
 
     Parameters
     ----------
@@ -659,7 +602,7 @@ def run(
     max_steps : int
         The step cap (with ``stopping=False``: the exact number of steps).
     stopping : bool
-        Stop each replication by the stopping rule of :mod:`ppvi.convergence` (window 100) and the stages of
+        Stop each replication by the stopping rule of :mod:`ppvi.convergence` and the stages of
         :mod:`ppvi.training`; otherwise train ``max_steps`` steps and average the last window.
     learning_rate : float
         Adam's learning rate (in whitened coordinates).
@@ -670,22 +613,29 @@ def run(
     replication_index : torch.Tensor
         The global index of each of the ``M`` replications (what ``streams`` is keyed by).
     data : sequence of torch.Tensor
-        The replications' data, each ``(M, ...)``; the active ones' rows go to the log density.
+        The replications' data, each ``(M, ...)``.
+
+    Raises
+    ------
+    KeyboardInterrupt
+        Passed on: a calibration has no partial answer to keep.
     """
-    rule = StoppingRule(window=StoppingRule().window)
-    state = init(start, guide)
-    M, D = start.center.shape
-    losses = np.full((max_steps, M), np.nan)
-    active_data, data_active = tuple(data), None
-    while len(state.active):
-        if data_active is None or len(data_active) != len(state.active):  # the batch changed at the last window
-            data_active = state.active
-            active_data = tuple(value[data_active] for value in data)
-        noise = streams.normal((num_particles,), replication_index[state.active], (D,))
-        active = state.active.cpu().numpy()
-        state, step_losses = update(state, start, step, noise, learning_rate, active_data)
-        losses[state.step - 1, active] = step_losses.double().cpu().numpy()
-        finish = state.step == max_steps
-        if state.step % rule.window == 0 or finish:
-            state = end_window(state, losses[: state.step], finish, stopping, rule)
-    return BatchedFit(state.final_loc, state.final_scale, state.converged, state.steps_taken, losses[: state.step])
+    rule = StoppingRule(max_steps=max_steps)
+    M = start.center.shape[0]
+    stepper = training.Stepper(
+        functools.partial(_update_with, step=step, streams=streams, num_particles=num_particles),
+        lambda state: (state.loc, state.scale),
+        keep,
+    )
+    result = training.run_batch(
+        stepper, init(start, guide, replication_index, data), M, learning_rate=learning_rate,
+        steps=None if stopping else max_steps, rule=rule, check_interval=rule.window, progress=False,
+    )
+    if result.interrupted_step is not None:
+        raise KeyboardInterrupt
+    loc, scale = result.iterates
+    return BatchedFit(loc, scale, result.converged, result.steps, result.losses)
+
+
+def _update_with(state: BatchedState, learning_rates: np.ndarray, *, step, streams, num_particles):
+    return update(state, step, learning_rates, streams, num_particles)

@@ -394,7 +394,7 @@ def _run_rank(model: Callable, guide: nn.Module, data: torch.Tensor, options: _O
     wrapped = DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync
     )
-    optimizer = training.init(parameters, options.learning_rate, horizon=options.steps).optimizer
+    optimizer = training.init(parameters, options.learning_rate).optimizer
     steps = options.steps
     averaging_from = steps - min(StoppingRule.window, steps // 2)  # ppvi.training.run's rule for a fixed count
     average: list[torch.Tensor] | None = None

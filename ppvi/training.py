@@ -1,10 +1,20 @@
-"""The stochastic-gradient training loop, functional in the style of NumPyro's ``infer/svi.py``.
+"""The training loop: one loop for one fit and for a batch of replications, in the functional style of NumPyro's
+``infer/svi.py`` and blackjax's ``vi/`` modules.
 
-``init`` builds a :class:`TrainingState`, ``update`` takes one step and returns the new state with the loss, and
-``run`` loops with the stopping rule of :mod:`ppvi.convergence` and returns a :class:`TrainingResult`. The loss is
-any callable returning a differentiable scalar tensor (``ppvi.fit`` passes the negative ELBO of Pyro's ELBO
-classes). Losses are written into a tensor on the parameters' device and read back once per check, so a GPU run
-does not wait on the host every step.
+:func:`run_batch` is the loop. It trains ``M`` independent replications behind a :class:`Stepper` (pure
+``update``/``iterate``/``keep`` functions of an opaque state, batched over a leading replication dimension) with, per
+replication, its own learning rate, stage (:data:`STAGES`), stopping rule (:mod:`ppvi.convergence`), iterate
+averaging, and non-finite, divergence and breakdown checks; replications that stop leave the batch. Two steppers
+use it:
+
+- :func:`run`, one fit (``ppvi.fit``, ``ppvi.compare``): ``M = 1``, whose state is Adam over the model's and
+  guide's parameters (:func:`init`, :func:`update`), the step taken by Pyro or by one traced graph
+  (:class:`ppvi.engine.TracedStep`);
+- :func:`ppvi.batched.run`, the ``M`` Gaussian fits of VSBC and SBC (``ppvi.vsbc``, ``ppvi.sbc``), whose state is a
+  :class:`ppvi.batched.BatchedState` and whose step is one batched graph.
+
+Losses are written into a tensor on the parameters' device and read back once per check, so a GPU run does not
+wait on the host every step.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ import numbers
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -86,32 +96,504 @@ def is_invalid_value_error(error: Exception) -> bool:
 INVALID_LOSS = torch.tensor(math.nan, dtype=torch.float64)
 
 
-class TrainingState(NamedTuple):
-    """State of the loop between steps.
+def schedule_factor(schedule: Schedule | Callable[[int], float], horizon: int) -> Callable[[int], float]:
+    """The learning-rate multiplier as a function of the step (steps taken before it).
+
+    Parameters
+    ----------
+    schedule : {"constant", "exponential", "cosine"} or callable
+        ``"exponential"`` and ``"cosine"`` decay to :data:`FINAL_LEARNING_RATE_FRACTION` at ``horizon`` steps and
+        stay there (the rates of torch's ``ExponentialLR`` and ``CosineAnnealingLR`` with those end points); a
+        callable is the multiplier itself.
+    horizon : int
+        Steps over which a decaying schedule decays.
+    """
+    if callable(schedule):
+        return schedule
+    if schedule == "constant":
+        return lambda step: 1.0
+    if schedule == "exponential":
+        return lambda step: FINAL_LEARNING_RATE_FRACTION ** min(step / horizon, 1.0)
+    if schedule == "cosine":
+        fraction = FINAL_LEARNING_RATE_FRACTION
+        return lambda step: fraction + (1 - fraction) * 0.5 * (1 + math.cos(math.pi * min(step / horizon, 1.0)))
+    raise ValueError(f"unknown schedule {schedule!r}: use 'constant', 'exponential', 'cosine' or a callable")
+
+
+# -- the loop, over a batch of replications --------------------------------------------------------------------------
+
+
+class Stepper(NamedTuple):
+    """What :func:`run_batch` trains: the parameters of ``A`` independent replications, behind pure functions of
+    an opaque state (one fit is the case ``A = 1``).
+
+    Attributes
+    ----------
+    update : callable
+        ``(state, learning_rates) -> (state, losses)``: one step of every replication in the batch, each at its own
+        learning rate (``learning_rates``, a numpy array ``(A,)``); ``losses`` ``(A,)`` (a 0-dim tensor when
+        ``A = 1``) are the losses before the step, on the parameters' device. :data:`INVALID_LOSS` (by identity)
+        asks the loop to check the losses at once.
+    iterate : callable
+        ``state -> tuple of torch.Tensor``, each ``(A, ...)``: the current iterate, in the coordinates the loop
+        averages, saves and restores (a view of live parameters is allowed: the loop copies what it keeps).
+    keep : callable
+        ``(state, rows) -> state``: the state of the replications where the boolean tensor ``rows`` ``(A,)`` is
+        true, the others having stopped.
+    """
+
+    update: Callable[[Any, np.ndarray], tuple[Any, torch.Tensor]]
+    iterate: Callable[[Any], tuple[torch.Tensor, ...]]
+    keep: Callable[[Any, torch.Tensor], Any]
+
+
+class BatchResult(NamedTuple):
+    """What :func:`run_batch` returns, per replication (``M`` of them).
+
+    Attributes
+    ----------
+    iterates : tuple of torch.Tensor
+        Each ``(M, ...)``: where each replication ended. The average of its iterates over its averaging phase; the
+        saved iterate of the last finite check (a non-finite loss), of the best check interval (a divergence or a
+        breakdown); the last iterate otherwise.
+    losses : numpy.ndarray
+        ``(steps run, M)``; NaN once a replication has stopped.
+    steps : numpy.ndarray of int
+        Steps of each replication's trace that count (to the check before a non-finite or broken-down interval).
+    converged : numpy.ndarray of bool
+        Stopped on the rule (and averaged).
+    stationary_step, averaged_steps : numpy.ndarray of int
+        Step at which the last stage became stationary (-1 if never), and the iterates averaged.
+    nonfinite_step, diverged_step, breakdown_step : numpy.ndarray of int
+        As :class:`TrainingResult`'s, -1 where none.
+    events : dict of int to str
+        Why a replication stopped early (non-finite loss, divergence, breakdown, interruption), by replication.
+    interrupted_step : int or None
+        Step at which ``KeyboardInterrupt`` stopped the loop (every replication then keeps its last finite iterate).
+    seconds : float
+        Wall time of the loop.
+    """
+
+    iterates: tuple[torch.Tensor, ...]
+    losses: np.ndarray
+    steps: np.ndarray
+    converged: np.ndarray
+    stationary_step: np.ndarray
+    averaged_steps: np.ndarray
+    nonfinite_step: np.ndarray
+    diverged_step: np.ndarray
+    breakdown_step: np.ndarray
+    events: dict[int, str]
+    interrupted_step: int | None
+    seconds: float
+
+
+def _copy(values: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(value.detach().clone() for value in values)
+
+
+def _put(target: tuple[torch.Tensor, ...], rows, source: tuple[torch.Tensor, ...], positions) -> None:
+    """``target[k][rows] = source[k][positions]`` for every k (rows and positions as index tensors)."""
+    with torch.no_grad():
+        for destination, values in zip(target, source, strict=True):
+            destination[rows] = values[positions].to(destination.dtype)
+
+
+def run_batch(
+    stepper: Stepper,
+    state: Any,
+    replications: int,
+    *,
+    learning_rate: float,
+    steps: int | None = None,
+    rule: StoppingRule | None = None,
+    schedule: Schedule | Callable[[int], float] = "constant",
+    check_interval: int = 50,
+    progress: bool | None = None,
+    stationary_from: int = 0,
+) -> BatchResult:
+    """The training loop: train ``replications`` independent problems until each stops.
+
+    Every ``check_interval`` steps the loop reads the losses back (once, for the whole batch) and, for each
+    replication still training:
+
+    - a non-finite loss stops it at the iterate of the last check (all of whose losses were finite);
+    - an ELBO estimate impossibly high (:data:`BREAKDOWN_FACTOR`) stops it at the best check interval seen, and so
+      does a median loss above the best by more than the noise allows (:data:`DIVERGENCE_NOISE_MULTIPLE`);
+    - without a fixed number of ``steps``, once a stage has run ``rule.window`` steps, stationary losses
+      (:func:`ppvi.convergence.is_stationary` on the last two windows) move it to the next of :data:`STAGES`
+      (:func:`advance_stages`), and after the last stage it averages its iterates over another ``rule.window``
+      steps (Polyak & Juditsky 1992; the detect-then-average rule of Dhaka et al. 2020) and stops.
+
+    With a fixed number of ``steps`` every replication takes them all, at the learning rate times ``schedule``, and
+    averages its last ``min(rule.window, steps // 2)`` iterates. Replications that stop leave the batch
+    (``stepper.keep``), so the others' steps get cheaper. ``KeyboardInterrupt`` (Ctrl-C) stops the loop cleanly,
+    as PyMC's ``pm.fit`` does: each replication keeps its last completed iterate (its last check's if a loss since
+    was not finite) and the result says where it stopped.
+
+    Parameters
+    ----------
+    stepper : Stepper
+        The replications' update, iterate and selection.
+    state : object
+        The stepper's state before the first step.
+    replications : int
+        ``M``, the batch size at the start.
+    learning_rate : float
+        The learning rate of the first stage (times :data:`STAGES` and ``schedule``).
+    steps : int, optional
+        Fixed number of steps; ``None`` stops each replication on the rule, capped at ``rule.max_steps``.
+    rule : StoppingRule, optional
+        Defaults to :class:`~ppvi.convergence.StoppingRule()`.
+    schedule : str or callable
+        Learning-rate multiplier by step (:func:`schedule_factor`), over the horizon of ``steps`` or
+        ``rule.max_steps``.
+    check_interval : int
+        Steps between reads of the losses (progress bar, stationarity, non-finite and divergence checks).
+    progress : bool, optional
+        A tqdm progress bar with the mean ELBO; by default only when stderr is a terminal.
+    stationary_from : int
+        First step at which the objective stops changing with the step (the end of a KL warm-up, whose weight grows
+        with the step, Bowman et al. 2016): the divergence and breakdown checks compare only later intervals.
+    """
+    rule = rule or StoppingRule()
+    if steps is not None and (not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1):
+        raise ValueError(f"steps must be a positive integer or None, got {steps!r}")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+    if not (isinstance(check_interval, numbers.Integral) and check_interval >= 1):
+        raise ValueError(f"check_interval must be a positive integer, got {check_interval!r}")
+    fixed = steps is not None
+    total = int(steps) if fixed else rule.max_steps
+    factor = schedule_factor(schedule, total)
+    constant_rate = schedule == "constant"
+    averaging_steps = min(rule.window, total // 2) if fixed else rule.window
+    M = int(replications)
+
+    # Per replication (global position 0..M-1).
+    stage = np.zeros(M, dtype=int)
+    stage_start = np.zeros(M, dtype=int)
+    averaging_since = np.full(M, -1)
+    end_step = np.full(M, total)
+    converged = np.zeros(M, dtype=bool)
+    stationary_step = np.full(M, -1)
+    averaged_steps = np.zeros(M, dtype=int)
+    trace_steps = np.zeros(M, dtype=int)
+    nonfinite_step, diverged_step, breakdown_step = np.full(M, -1), np.full(M, -1), np.full(M, -1)
+    best_median, best_spread, start_median = np.full(M, math.inf), np.full(M, math.inf), np.full(M, math.nan)
+    best_step = np.zeros(M, dtype=int)
+    events: dict[int, str] = {}
+    losses = np.full((total, M), np.nan)
+
+    # Per replication in the batch (position 0..A-1 of ``active``).
+    active = np.arange(M)
+    iterate = stepper.iterate(state)
+    device = iterate[0].device
+    checkpoint, best = _copy(iterate), _copy(iterate)
+    final = tuple(torch.zeros((M, *value.shape[1:]), dtype=value.dtype, device=device) for value in iterate)
+    sums: tuple[torch.Tensor, ...] | None = None  # iterate sums of the replications averaging
+    block = torch.empty((check_interval, M), dtype=torch.float64, device=device)
+    rates: np.ndarray | None = None
+    next_end, any_averaging = total, False  # the earliest end of a replication in the batch; whether one averages
+
+    step = last_check = position = 0
+    fixed_averaging_from = total - averaging_steps if fixed else None
+    bar = _progress_bar(progress, total)
+    started = time.perf_counter()
+
+    def stop(positions: np.ndarray, source: tuple[torch.Tensor, ...] | None, counted: int) -> None:
+        """Stop the replications at ``positions`` of the batch, ending at ``source``'s rows (their average when
+        ``None``), their traces counting ``counted`` steps."""
+        rows = torch.as_tensor(active[positions], device=device)
+        where = torch.as_tensor(positions, device=device)
+        if source is None:
+            count = torch.as_tensor(step - averaging_since[active[positions]], device=device)
+            averaged = tuple(total_[where] / count.reshape(-1, *([1] * (total_.dim() - 1))) for total_ in sums)
+            _put(final, rows, averaged, torch.arange(len(positions), device=device))
+            averaged_steps[active[positions]] = step - averaging_since[active[positions]]
+        else:
+            _put(final, rows, source, where)
+        trace_steps[active[positions]] = counted
+        end_step[active[positions]] = -1  # stopped
+
+    def start_averaging(positions: np.ndarray) -> None:
+        nonlocal sums, any_averaging
+        averaging_since[active[positions]] = step
+        any_averaging = True
+        if sums is None:
+            sums = tuple(torch.zeros_like(value) for value in stepper.iterate(state))
+        else:
+            where = torch.as_tensor(positions, device=device)
+            with torch.no_grad():
+                for value in sums:
+                    value[where] = 0
+
+    interrupted_step = None
+    try:
+        while len(active):
+            if fixed_averaging_from is not None and step == fixed_averaging_from:
+                start_averaging(np.arange(len(active)))
+            if rates is None or not constant_rate:
+                rates = learning_rate * np.asarray(STAGES)[stage[active]] * factor(step)
+            state, loss = stepper.update(state, rates)
+            block[position] = loss
+            step += 1
+            position += 1
+            if any_averaging:
+                with torch.no_grad():
+                    torch._foreach_add_(list(sums), [value.detach() for value in stepper.iterate(state)])
+            due = position == check_interval or step == next_end
+            if not due and loss is not INVALID_LOSS:
+                continue
+
+            # -- a check --------------------------------------------------------------------------------------------
+            recent = block[:position].cpu().numpy()
+            losses[last_check:step, active] = recent
+            position = 0
+            if bar is not None:
+                bar.update(step - last_check)
+                with np.errstate(all="ignore"):
+                    bar.set_postfix(elbo=f"{-np.nanmean(recent):.4g}")
+            iterate = stepper.iterate(state)
+            stopping = np.zeros(len(active), dtype=bool)
+
+            finite = np.isfinite(recent).all(axis=0)
+            for i in np.flatnonzero(~finite):
+                m = active[i]
+                nonfinite_step[m] = last_check + int(np.argmin(np.isfinite(recent[:, i])))
+                events[m] = (
+                    f"the ELBO was not finite at step {nonfinite_step[m]}; parameters restored to step {last_check}"
+                )
+            if (~finite).any():
+                stop(np.flatnonzero(~finite), checkpoint, last_check)
+                stopping |= ~finite
+
+            comparable = last_check >= stationary_from  # the objective no longer changes with the step
+            medians = np.median(recent, axis=0)
+            if comparable:
+                unset = np.isnan(start_median[active]) & finite
+                start_median[active[unset]] = medians[unset]
+                allowance = BREAKDOWN_FACTOR * np.maximum(BREAKDOWN_MINIMUM_NATS, np.abs(start_median[active]))
+                impossible = (start_median[active] - recent > allowance) & finite
+                broken = np.flatnonzero(impossible.any(axis=0) & ~stopping)
+                for i in broken:
+                    m = active[i]
+                    breakdown_step[m] = last_check + int(np.argmax(impossible[:, i]))
+                    diverged_step[m] = step
+                    has_best = math.isfinite(best_median[m])
+                    events[m] = breakdown_message(
+                        int(breakdown_step[m]), -float(recent[:, i].min()), -float(start_median[m]),
+                        int(best_step[m]) if has_best else last_check, learning_rate,
+                    )
+                has_best = np.isfinite(best_median[active[broken]])
+                if has_best.any():
+                    stop(broken[has_best], best, last_check)
+                if (~has_best).any():
+                    stop(broken[~has_best], checkpoint, last_check)
+                stopping[broken] = True
+
+                allowed = np.maximum(DIVERGENCE_MINIMUM_NATS, DIVERGENCE_NOISE_MULTIPLE * best_spread[active])
+                diverging = np.flatnonzero((medians > best_median[active] + allowed) & ~stopping)
+                for i in diverging:
+                    m = active[i]
+                    diverged_step[m] = step
+                    events[m] = (
+                        f"the ELBO diverged at step {step} (median {-medians[i]:.4g} against a best of "
+                        f"{-best_median[m]:.4g}); parameters restored to the best interval"
+                    )
+                if len(diverging):
+                    stop(diverging, best, step)
+                    stopping[diverging] = True
+
+                improved = np.flatnonzero((medians < best_median[active]) & ~stopping) if len(recent) > 1 else []
+                if len(improved):
+                    best_median[active[improved]] = medians[improved]
+                    best_spread[active[improved]] = recent[:, improved].std(axis=0, ddof=1)
+                    best_step[active[improved]] = step
+                    _put(best, torch.as_tensor(improved, device=device), iterate,
+                         torch.as_tensor(improved, device=device))
+            checkpoint = _copy(iterate)
+            last_check = step
+
+            if not fixed:
+                candidates = np.flatnonzero(
+                    ~stopping & (averaging_since[active] < 0) & (step - stage_start[active] >= rule.window)
+                )
+                stationary = np.asarray([
+                    i for i in candidates
+                    if is_stationary(losses[max(0, step - 2 * rule.window) : step, active[i]], rule)
+                ], dtype=int)
+                if len(stationary):
+                    advanced, finished = advance_stages(stage[active[stationary]])
+                    moving = stationary[~finished]
+                    stage[active[moving]] = advanced[~finished]
+                    stage_start[active[moving]] = step
+                    done = stationary[finished]
+                    converged[active[done]] = True
+                    stationary_step[active[done]] = step
+                    end_step[active[done]] = np.minimum(total, step + averaging_steps)
+                    if len(done):
+                        start_averaging(done)
+                    rates = None
+
+            ending = np.flatnonzero(~stopping & ((end_step[active] == step) | (step == total)))
+            if len(ending):
+                averaging = averaging_since[active[ending]] >= 0
+                if averaging.any():
+                    stop(ending[averaging], None, step)
+                if (~averaging).any():
+                    stop(ending[~averaging], iterate, step)
+                stopping[ending] = True
+            if stopping.any():
+                keep = ~stopping
+                active = active[keep]
+                if len(active):
+                    rows = torch.as_tensor(keep, device=device)
+                    state = stepper.keep(state, rows)
+                    checkpoint = tuple(value[rows] for value in checkpoint)
+                    best = tuple(value[rows] for value in best)
+                    if sums is not None:
+                        sums = tuple(value[rows] for value in sums)
+                    block = torch.empty((check_interval, len(active)), dtype=torch.float64, device=device)
+                    rates = None
+            if len(active):
+                next_end = int(end_step[active].min())
+                any_averaging = bool((averaging_since[active] >= 0).any())
+    except KeyboardInterrupt:
+        interrupted_step = step
+        if len(active):
+            recent = block[:position].cpu().numpy()
+            losses[last_check:step, active] = recent
+            iterate = stepper.iterate(state)
+            finite_iterate = torch.stack([
+                torch.isfinite(value.reshape(len(active), -1)).all(dim=1) for value in iterate
+            ]).all(dim=0).cpu().numpy()
+            usable = np.isfinite(recent).all(axis=0) & finite_iterate
+            averaging = averaging_since[active] >= 0
+            for group, source, counted in (
+                (np.flatnonzero(usable & averaging & (averaging_since[active] < step)), None, step),
+                (np.flatnonzero(usable & ~(averaging & (averaging_since[active] < step))), iterate, step),
+                (np.flatnonzero(~usable), checkpoint, last_check),
+            ):
+                if len(group):
+                    stop(group, source, counted)
+            for m in active:
+                events[m] = (
+                    f"interrupted (KeyboardInterrupt) at step {interrupted_step}; kept the parameters of step "
+                    f"{trace_steps[m]}"
+                )
+            converged[active] = False
+    seconds = time.perf_counter() - started
+    if bar is not None:
+        bar.close()
+    return BatchResult(
+        final, losses[:step], trace_steps, converged, stationary_step, averaged_steps, nonfinite_step, diverged_step,
+        breakdown_step, events, interrupted_step, seconds,
+    )
+
+
+def _progress_bar(enabled: bool | None, total: int):
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="step", leave=False)
+
+
+# -- one fit: Adam over a model's parameters, the loop's case A = 1 -------------------------------------------------
+
+
+class OptimizerState(NamedTuple):
+    """One fit's state between steps: Adam (Kingma & Ba 2015) over leaf tensors updated in place.
 
     Attributes
     ----------
     step : int
         Steps taken.
     parameters : tuple of torch.Tensor
-        The (unconstrained) leaf tensors being optimised, updated in place.
+        The (unconstrained) leaf tensors being optimised.
     optimizer : torch.optim.Optimizer
         Adam over ``parameters`` (its moment estimates are the mutable part of the state).
-    scheduler : torch.optim.lr_scheduler.LRScheduler or None
-        Learning-rate schedule; ``None`` for a constant rate (stepping a constant scheduler cost ~10 % of a small
-        model's step).
-    average : tuple of torch.Tensor or None
-        Running Polyak average of ``parameters`` once averaging has started.
-    averaged_steps : int
-        Number of iterates in ``average``.
     """
 
     step: int
     parameters: tuple[torch.Tensor, ...]
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None
-    average: tuple[torch.Tensor, ...] | None
-    averaged_steps: int
+
+
+def init(parameters: Sequence[torch.Tensor], learning_rate: float, epsilon: float = 1e-8) -> OptimizerState:
+    """Adam over ``parameters``.
+
+    Parameters
+    ----------
+    parameters : sequence of torch.Tensor
+        Leaf tensors with ``requires_grad=True``.
+    learning_rate : float
+        Initial learning rate (:func:`update` sets each step's).
+    epsilon : float
+        Adam's epsilon: gradients much smaller than it get plain gradient steps of ``learning_rate / epsilon``
+        times the gradient instead of Adam's normalised steps of size ``learning_rate``.
+    """
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+    parameters = tuple(parameters)
+    if not parameters:
+        raise ValueError("nothing to optimise: the model and guide have no parameters")
+    # Adam's fused kernel (one pass for all parameters instead of a dozen ops per tensor): 2.4 -> 0.5 ms per step
+    # for the 784-400-20 VAE on one CPU thread. It needs floating tensors all on the CPU or all on CUDA.
+    devices = {parameter.device.type for parameter in parameters}
+    fused = len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in parameters)
+    optimizer = torch.optim.Adam(parameters, lr=learning_rate, eps=epsilon, fused=fused or None)
+    return OptimizerState(0, parameters, optimizer)
+
+
+def update(
+    state: OptimizerState,
+    loss_function: Callable[[], torch.Tensor],
+    learning_rate: float,
+    max_gradient_norm: float | None = None,
+    step_function: Callable[[float], torch.Tensor] | None = None,
+) -> tuple[OptimizerState, torch.Tensor]:
+    """Take one Adam step on ``loss_function`` at ``learning_rate``.
+
+    With ``max_gradient_norm``, the gradient is rescaled to at most that Euclidean norm before the step (gradient
+    clipping, Pascanu, Mikolov & Bengio 2013): one heavy-tailed Monte Carlo gradient then cannot throw a flow's
+    network far from where it was.
+
+    With ``step_function`` (a :class:`ppvi.engine.TracedStep`: loss, gradient, clipping and Adam as one traced
+    graph, updating the parameters in place), the step is that function's, and ``loss_function`` and
+    ``max_gradient_norm`` are not used: the traced step carries both.
+
+    Returns
+    -------
+    (OptimizerState, torch.Tensor)
+        The new state and the (detached) loss before the step; :data:`INVALID_LOSS` (and no step) when validation
+        rejected a value (:func:`is_invalid_value_error`).
+    """
+    if step_function is not None:
+        return state._replace(step=state.step + 1), step_function(learning_rate)
+    for group in state.optimizer.param_groups:
+        group["lr"] = learning_rate
+    state.optimizer.zero_grad(set_to_none=True)
+    try:
+        loss = loss_function()
+    except ValueError as error:
+        if not is_invalid_value_error(error):
+            raise
+        return state._replace(step=state.step + 1), INVALID_LOSS
+    if not loss.requires_grad:
+        raise ValueError(
+            "the loss does not depend on the parameters being trained (it has no gradient): the posterior may be flat "
+            "everywhere (improper priors that no observed data inform: give them proper priors), or the guide's "
+            "parameters do not enter its sample sites (check that the guide's pyro.sample statements use them)"
+        )
+    loss.backward()
+    if max_gradient_norm is not None:
+        torch.nn.utils.clip_grad_norm_(state.parameters, max_gradient_norm)
+    state.optimizer.step()
+    return state._replace(step=state.step + 1), loss.detach()
 
 
 class TrainingResult(NamedTuple):
@@ -155,131 +637,6 @@ class TrainingResult(NamedTuple):
     breakdown_step: int | None = None
 
 
-def _schedule_factor(schedule: Schedule | Callable[[int], float], horizon: int) -> Callable[[int], float]:
-    if callable(schedule):
-        return schedule
-    if schedule == "constant":
-        return lambda step: 1.0
-    if schedule == "exponential":
-        return lambda step: FINAL_LEARNING_RATE_FRACTION ** min(step / horizon, 1.0)
-    if schedule == "cosine":
-        fraction = FINAL_LEARNING_RATE_FRACTION
-        return lambda step: fraction + (1 - fraction) * 0.5 * (1 + math.cos(math.pi * min(step / horizon, 1.0)))
-    raise ValueError(f"unknown schedule {schedule!r}: use 'constant', 'exponential', 'cosine' or a callable")
-
-
-def init(
-    parameters: Sequence[torch.Tensor],
-    learning_rate: float,
-    schedule: Schedule | Callable[[int], float] = "constant",
-    horizon: int = 10_000,
-    epsilon: float = 1e-8,
-) -> TrainingState:
-    """Create the state: Adam (Kingma & Ba 2015) over ``parameters`` with a learning-rate schedule.
-
-    Parameters
-    ----------
-    parameters : sequence of torch.Tensor
-        Leaf tensors with ``requires_grad=True``.
-    learning_rate : float
-        Initial learning rate.
-    schedule : {"constant", "exponential", "cosine"} or callable
-        Multiplier of the learning rate as a function of the step; the decaying ones reach
-        ``FINAL_LEARNING_RATE_FRACTION`` at ``horizon`` steps.
-    horizon : int
-        Steps over which a decaying schedule decays.
-    epsilon : float
-        Adam's epsilon: gradients much smaller than it get plain gradient steps of ``learning_rate / epsilon``
-        times the gradient instead of Adam's normalised steps of size ``learning_rate``.
-    """
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
-    parameters = tuple(parameters)
-    if not parameters:
-        raise ValueError("nothing to optimise: the model and guide have no parameters")
-    # Adam's fused kernel (one pass for all parameters instead of a dozen ops per tensor): 2.4 -> 0.5 ms per step
-    # for the 784-400-20 VAE on one CPU thread. It needs floating tensors all on the CPU or all on CUDA.
-    devices = {parameter.device.type for parameter in parameters}
-    fused = len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in parameters)
-    optimizer = torch.optim.Adam(parameters, lr=learning_rate, eps=epsilon, fused=fused or None)
-    factor = _schedule_factor(schedule, horizon)
-    scheduler = None if schedule == "constant" else torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    return TrainingState(0, parameters, optimizer, scheduler, None, 0)
-
-
-def update(
-    state: TrainingState,
-    loss_function: Callable[[], torch.Tensor],
-    average: bool = False,
-    max_gradient_norm: float | None = None,
-    step_function: Callable[[float], torch.Tensor] | None = None,
-):
-    """Take one Adam step on ``loss_function``; with ``average``, fold the new iterate into the Polyak average.
-
-    With ``max_gradient_norm``, the gradient is rescaled to at most that Euclidean norm before the step (gradient
-    clipping, Pascanu, Mikolov & Bengio 2013): one heavy-tailed Monte Carlo gradient then cannot throw a flow's
-    network far from where it was.
-
-    With ``step_function`` (a :class:`ppvi.engine.TracedStep`: loss, gradient, clipping and Adam as one traced
-    graph, updating the parameters in place), the step is that function's at the optimizer's current learning
-    rate, and ``loss_function`` and ``max_gradient_norm`` are not used: the traced step carries both.
-
-    Returns
-    -------
-    (TrainingState, torch.Tensor)
-        The new state and the (detached) loss before the step; NaN (and no step) when validation rejected a
-        value (:func:`is_invalid_value_error`).
-    """
-    if step_function is not None:
-        loss = step_function(state.optimizer.param_groups[0]["lr"])
-        if state.scheduler is not None:
-            state.scheduler.step()
-        return _averaged(state, average), loss
-    state.optimizer.zero_grad(set_to_none=True)
-    try:
-        loss = loss_function()
-    except ValueError as error:
-        if not is_invalid_value_error(error):
-            raise
-        return state._replace(step=state.step + 1), INVALID_LOSS
-    if not loss.requires_grad:
-        raise ValueError(
-            "the loss does not depend on the parameters being trained (it has no gradient): the posterior may be flat "
-            "everywhere (improper priors that no observed data inform: give them proper priors), or the guide's "
-            "parameters do not enter its sample sites (check that the guide's pyro.sample statements use them)"
-        )
-    loss.backward()
-    if max_gradient_norm is not None:
-        torch.nn.utils.clip_grad_norm_(state.parameters, max_gradient_norm)
-    state.optimizer.step()
-    if state.scheduler is not None:
-        state.scheduler.step()
-    return _averaged(state, average), loss.detach()
-
-
-def _averaged(state: TrainingState, average: bool) -> TrainingState:
-    """The state one step on, with the new iterate folded into the Polyak average when ``average``."""
-    running, count = state.average, state.averaged_steps
-    if average:
-        with torch.no_grad():
-            if running is None:
-                running, count = tuple(p.detach().clone() for p in state.parameters), 1
-            else:
-                count += 1
-                torch._foreach_lerp_(list(running), [p.detach() for p in state.parameters], 1.0 / count)
-    return state._replace(step=state.step + 1, average=running, averaged_steps=count)
-
-
-def _progress_bar(enabled: bool | None, total: int):
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="step", leave=False)
-
-
 def run(
     loss_function: Callable[[], torch.Tensor],
     parameters: Sequence[torch.Tensor],
@@ -295,21 +652,8 @@ def run(
     step_function: Callable[[float], torch.Tensor] | None = None,
     stationary_from: int = 0,
 ) -> TrainingResult:
-    """Minimise ``loss_function`` with Adam until the stopping rule holds (or for exactly ``steps`` steps).
-
-    With ``steps=None`` the loop checks every ``check_interval`` steps whether the losses are stationary
-    (:func:`ppvi.convergence.is_stationary`); at each stationary point it moves to the next of :data:`STAGES`
-    (multiplying the learning rate), and after the last it averages the iterates over another ``rule.window``
-    steps and stops. With a fixed ``steps`` it applies the ``schedule`` alone and averages over the last
-    ``min(rule.window, steps // 2)`` steps. The parameters end as the average. A non-finite loss stops the loop
-    and restores the parameters of the last checkpoint whose losses were all finite; a diverging loss (see
-    :data:`DIVERGENCE_NOISE_MULTIPLE`) stops it and restores the parameters of the best check interval, and so does
-    an ELBO estimate too high for any fit (see :data:`BREAKDOWN_FACTOR`): the numerical breakdown of a log density,
-    whose absurd estimates would otherwise pass for progress and then for stationarity.
-
-    ``KeyboardInterrupt`` (Ctrl-C) during the loop stops it cleanly, as PyMC's ``pm.fit`` does: the parameters of
-    the last completed step are kept (the last checkpoint's if a loss since then was not finite), the result is
-    not ``converged``, and its ``message`` and ``interrupted_step`` say where it stopped.
+    """Minimise ``loss_function`` with Adam: :func:`run_batch` for one replication, whose iterate is the
+    parameters themselves. They end as the loop's answer (the averaged iterate, or the one restored).
 
     Parameters
     ----------
@@ -317,18 +661,8 @@ def run(
         Returns the scalar loss (negative ELBO) as a differentiable tensor.
     parameters : sequence of torch.Tensor
         Leaf tensors optimised in place.
-    learning_rate : float
-        Adam's learning rate.
-    steps : int, optional
-        Fixed number of steps; ``None`` stops on the rule, capped at ``rule.max_steps``.
-    rule : StoppingRule, optional
-        The stopping rule (defaults to :class:`~ppvi.convergence.StoppingRule()`).
-    schedule : str or callable
-        Learning-rate schedule (see :func:`init`).
-    check_interval : int
-        Steps between reads of the loss buffer (progress bar, stationarity, non-finite checks).
-    progress : bool, optional
-        Show a tqdm progress bar with the ELBO; by default only when stderr is a terminal.
+    learning_rate, steps, rule, schedule, check_interval, progress, stationary_from
+        As :func:`run_batch`'s.
     epsilon : float
         Adam's epsilon (see :func:`init`).
     max_gradient_norm : float, optional
@@ -336,136 +670,45 @@ def run(
     step_function : callable, optional
         The whole step as one traced graph (:func:`ppvi.engine.trace_step`), used instead of ``loss_function``'s
         Pyro trace, backward pass and optimizer at every step (see :func:`update`).
-    stationary_from : int
-        First step at which the objective stops changing with the step (the end of a KL warm-up, whose weight grows
-        with the step, Bowman et al. 2016). Losses before it measure a different objective, so the divergence
-        check compares only the check intervals that start at or after it.
     """
     rule = rule or StoppingRule()
-    if steps is not None and (not isinstance(steps, numbers.Integral) or steps < 1):
-        raise ValueError(f"steps must be a positive integer or None, got {steps!r}")
-    steps = None if steps is None else int(steps)
-    total = steps if steps is not None else rule.max_steps
-    averaging_steps = min(rule.window, total // 2) if steps is not None else rule.window
-    state = init(parameters, learning_rate, schedule, horizon=total, epsilon=epsilon)
-    device = state.parameters[0].device
-    losses = torch.empty(total, dtype=torch.float64, device=device)
-    checkpoint = [p.detach().clone() for p in state.parameters]
-    best = [p.detach().clone() for p in state.parameters]
-    best_median, best_spread, best_step, diverged_step = math.inf, math.inf, 0, None
-    start_median, breakdown_step = None, None
-    averaging_from = total - averaging_steps if steps is not None else None
-    converged, message, nonfinite_step = False, "", None
-    bar = _progress_bar(progress, total)
-    start = time.perf_counter()
-    last_check, stage, stage_start = 0, 0, 0
-    interrupted_step = None
-    try:
-        while state.step < total:
-            averaging = averaging_from is not None and state.step >= averaging_from
-            state, loss = update(
-                state, loss_function, average=averaging, max_gradient_norm=max_gradient_norm,
-                step_function=step_function,
-            )
-            losses[state.step - 1] = loss
-            if state.step - last_check < check_interval and state.step < total and loss is not INVALID_LOSS:
-                continue
-            recent = losses[last_check : state.step].cpu().numpy()
-            if bar is not None:
-                bar.update(state.step - last_check)
-                bar.set_postfix(elbo=f"{-recent.mean():.4g}")
-            if not np.isfinite(recent).all():
-                nonfinite_step = last_check + int(np.argmin(np.isfinite(recent)))
-                with torch.no_grad():
-                    for parameter, saved in zip(state.parameters, checkpoint, strict=True):
-                        parameter.copy_(saved)
-                message = f"the ELBO was not finite at step {nonfinite_step}; parameters restored to step {last_check}"
-                state = state._replace(average=None)
-                converged = False
-                break
-            median = float(np.median(recent))
-            comparable = last_check >= stationary_from  # the objective no longer changes with the step
-            if comparable and start_median is None:
-                start_median = median
-            impossible = comparable and start_median - recent > breakdown_allowance(start_median)
-            if np.any(impossible):
-                breakdown_step, diverged_step = last_check + int(np.argmax(impossible)), state.step
-                # No best interval yet (the breakdown is in the first): the parameters at this interval's start.
-                restored, restored_step = (best, best_step) if math.isfinite(best_median) else (checkpoint, last_check)
-                with torch.no_grad():
-                    for parameter, saved in zip(state.parameters, restored, strict=True):
-                        parameter.copy_(saved)
-                message = breakdown_message(
-                    breakdown_step, -float(recent.min()), -start_median, restored_step, learning_rate
-                )
-                state = state._replace(average=None)
-                converged = False
-                break
-            allowance = max(DIVERGENCE_MINIMUM_NATS, DIVERGENCE_NOISE_MULTIPLE * best_spread)
-            if comparable and median > best_median + allowance:
-                diverged_step = state.step
-                with torch.no_grad():
-                    for parameter, saved in zip(state.parameters, best, strict=True):
-                        parameter.copy_(saved)
-                message = (
-                    f"the ELBO diverged at step {diverged_step} (median {-median:.4g} against a best of "
-                    f"{-best_median:.4g}); parameters restored to the best interval"
-                )
-                state = state._replace(average=None)
-                converged = False
-                break
-            if comparable and median < best_median and recent.shape[0] > 1:
-                best_median, best_spread, best_step = median, float(recent.std(ddof=1)), state.step
-                for saved, parameter in zip(best, state.parameters, strict=True):
-                    saved.copy_(parameter.detach())
-            for saved, parameter in zip(checkpoint, state.parameters, strict=True):
-                saved.copy_(parameter.detach())
-            last_check = state.step
-            if averaging_from is not None or state.step - stage_start < rule.window:
-                continue
-            if is_stationary(losses[max(0, state.step - 2 * rule.window) : state.step].cpu().numpy(), rule):
-                advanced, finished = advance_stages(np.array([stage]))
-                if not finished[0]:
-                    stage, stage_start = int(advanced[0]), state.step
-                    for group in state.optimizer.param_groups:
-                        group["lr"] = learning_rate * STAGES[stage]
-                    if state.scheduler is not None:
-                        state.scheduler.base_lrs = [learning_rate * STAGES[stage]] * len(state.scheduler.base_lrs)
-                else:
-                    averaging_from = state.step
-                    total = min(total, state.step + averaging_steps)
-                    converged = True
-    except KeyboardInterrupt:
-        interrupted_step = state.step
-        recent = losses[last_check : state.step].cpu().numpy()
-        if not (np.isfinite(recent).all() and all(bool(torch.isfinite(p).all()) for p in state.parameters)):
-            with torch.no_grad():
-                for parameter, saved in zip(state.parameters, checkpoint, strict=True):
-                    parameter.copy_(saved)
-            state = state._replace(step=last_check, average=None)
-        converged, nonfinite_step, diverged_step = False, None, None
+    schedule_factor(schedule, 1)  # an unknown schedule is refused before anything is built
+    state = init(parameters, learning_rate, epsilon)
+
+    def one_update(state: OptimizerState, rates: np.ndarray) -> tuple[OptimizerState, torch.Tensor]:
+        # Looked up at each call (not bound once), so that a test can stand in for it.
+        return update(state, loss_function, float(rates[0]), max_gradient_norm, step_function)
+
+    def iterate(state: OptimizerState) -> tuple[torch.Tensor, ...]:
+        return tuple(parameter.detach().unsqueeze(0) for parameter in state.parameters)
+
+    result = run_batch(
+        Stepper(one_update, iterate, lambda state, rows: state), state, 1, learning_rate=learning_rate, steps=steps,
+        rule=rule, schedule=schedule, check_interval=check_interval, progress=progress,
+        stationary_from=stationary_from,
+    )
+    with torch.no_grad():
+        for parameter, final in zip(state.parameters, result.iterates, strict=True):
+            parameter.copy_(final[0])
+
+    def first(values: np.ndarray) -> int | None:
+        return None if values[0] < 0 else int(values[0])
+
+    if 0 in result.events:
+        message = result.events[0]
+    elif steps is not None:
+        message = f"ran the requested {steps} steps"
+    elif result.converged[0]:
         message = (
-            f"interrupted (KeyboardInterrupt) at step {interrupted_step}; kept the parameters of step {state.step}"
+            f"stationary at step {result.stationary_step[0]}; averaged the last {result.averaged_steps[0]} iterates"
         )
-    seconds = time.perf_counter() - start
-    if bar is not None:
-        bar.close()
-    if state.average is not None:
-        with torch.no_grad():
-            for parameter, averaged in zip(state.parameters, state.average, strict=True):
-                parameter.copy_(averaged)
-    if not message:
-        if steps is not None:
-            message = f"ran the requested {steps} steps"
-        elif converged:
-            message = f"stationary at step {averaging_from}; averaged the last {state.averaged_steps} iterates"
-        else:
-            message = f"reached max_steps={rule.max_steps} before the ELBO became stationary"
-    # The estimates of a non-finite or broken-down interval estimate nothing: the trace stops before it.
-    steps_taken = state.step if nonfinite_step is None and breakdown_step is None else last_check
+    else:
+        message = f"reached max_steps={rule.max_steps} before the ELBO became stationary"
+    steps_taken = int(result.steps[0])
     return TrainingResult(
-        losses[:steps_taken].cpu().numpy(), steps_taken, converged, seconds, message, nonfinite_step, diverged_step,
-        interrupted_step, breakdown_step,
+        result.losses[:steps_taken, 0].copy(), steps_taken, bool(result.converged[0]), result.seconds, message,
+        first(result.nonfinite_step), first(result.diverged_step), result.interrupted_step,
+        first(result.breakdown_step),
     )
 
 

@@ -14,7 +14,7 @@ import torch
 
 import ppvi.training as training
 from ppvi.convergence import StoppingRule, is_stationary
-from ppvi.training import FINAL_LEARNING_RATE_FRACTION, STAGES, init, run, update
+from ppvi.training import FINAL_LEARNING_RATE_FRACTION, STAGES, Stepper, init, run, run_batch, schedule_factor, update
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -339,21 +339,16 @@ def test_gradient_clipping_bounds_the_step():
     # gradient seen by the optimiser is the clipped one.
     x = torch.tensor([3.0, 4.0], requires_grad=True)
     state = init([x], learning_rate=0.1)
-    state, _ = update(state, lambda: 1000.0 * (x**2).sum() / 2, max_gradient_norm=1.0)
+    state, _ = update(state, lambda: 1000.0 * (x**2).sum() / 2, 0.1, max_gradient_norm=1.0)
     assert torch.linalg.vector_norm(x.grad) == pytest.approx(1.0)
 
 
-# --- init / update ------------------------------------------------------------------------------------------------
+# --- schedules ----------------------------------------------------------------------------------------------------
 
 
 def learning_rates(schedule, steps, horizon, learning_rate=0.4):
-    x = torch.zeros(2, requires_grad=True)
-    state = init([x], learning_rate, schedule, horizon=horizon)
-    rates = [state.optimizer.param_groups[0]["lr"]]
-    for _ in range(steps):
-        state, _ = update(state, lambda: (x**2).sum())
-        rates.append(state.optimizer.param_groups[0]["lr"])
-    return np.array(rates)
+    factor = schedule_factor(schedule, horizon)
+    return np.array([learning_rate * factor(step) for step in range(steps + 1)])
 
 
 @pytest.mark.parametrize("schedule", ["exponential", "cosine"])
@@ -387,19 +382,88 @@ def test_constant_and_callable_schedules():
     np.testing.assert_allclose(learning_rates(lambda step: 1.0 / (1 + step), 30, 10), 0.4 / (1 + np.arange(31)))
 
 
-def test_update_averages_the_iterates_arithmetically():
+def test_the_loop_averages_the_iterates_arithmetically():
+    # A fixed run of 30 steps with window 24 averages the last min(24, 30 // 2) = 15 iterates: their plain mean.
     x = torch.tensor([1.0, -1.0], requires_grad=True)
-    state = init([x], 0.1)
     generator = torch.Generator().manual_seed(5)
     snapshots = []
-    for step in range(30):
-        state, loss = update(state, lambda: ((x - torch.randn(2, generator=generator)) ** 2).sum(), average=step >= 12)
+
+    def loss():
+        return ((x - torch.randn(2, generator=generator)) ** 2).sum()
+
+    original = training.update
+
+    def recording(state, *args, **kwargs):
+        new_state, value = original(state, *args, **kwargs)
         snapshots.append(x.detach().clone())
-        assert not loss.requires_grad
-    assert state.step == 30 and state.averaged_steps == 18
-    torch.testing.assert_close(state.average[0], torch.stack(snapshots[12:]).mean(dim=0), rtol=1e-12, atol=1e-12)
-    # Averaging leaves the iterate itself alone.
-    torch.testing.assert_close(x.detach(), snapshots[-1], rtol=0, atol=0)
+        assert not value.requires_grad
+        return new_state, value
+
+    training.update, saved = recording, training.update
+    try:
+        result = run(loss, [x], learning_rate=0.1, steps=30, rule=StoppingRule(window=24), progress=False)
+    finally:
+        training.update = saved
+    assert result.steps == 30 and len(snapshots) == 30
+    torch.testing.assert_close(x.detach(), torch.stack(snapshots[15:]).mean(dim=0), rtol=1e-12, atol=1e-12)
+
+
+# --- run_batch: replications trained together are trained as if alone -----------------------------------------------
+
+
+class QuadraticBatch:
+    """Replication ``m`` minimises ``0.5 ||x_m - (target_m + eps)||^2`` by plain gradient steps, ``eps`` drawn from
+    its own generator; a replication listed in ``nan_from`` returns NaN from that step on. The state is
+    ``(x (A, D), global indices (A,), step)``."""
+
+    def __init__(self, targets: torch.Tensor, sigma: float, nan_from: dict[int, int] | None = None):
+        self.targets, self.sigma, self.nan_from = targets, sigma, nan_from or {}
+        self.generators = [torch.Generator().manual_seed(100 + m) for m in range(len(targets))]
+
+    def start(self, rows: list[int]):
+        return torch.zeros(len(rows), self.targets.shape[1]), torch.tensor(rows), 0
+
+    def update(self, state, rates):
+        x, index, step = state
+        noise = torch.stack([self.sigma * torch.randn(x.shape[1], generator=self.generators[m]) for m in index])
+        residual = x - self.targets[index] - noise
+        losses = 0.5 * (residual**2).sum(1)
+        for i, m in enumerate(index.tolist()):
+            if m in self.nan_from and step >= self.nan_from[m]:
+                losses[i] = math.nan
+        x = x - torch.as_tensor(rates, dtype=x.dtype)[:, None] * residual
+        return (x, index, step + 1), losses
+
+    def stepper(self) -> Stepper:
+        return Stepper(self.update, lambda state: (state[0],), lambda state, rows: (state[0][rows], state[1][rows],
+                                                                                    state[2]))
+
+
+@pytest.mark.parametrize("steps", [None, 300])
+def test_a_batch_trains_each_replication_as_if_alone(steps):
+    # Five replications with targets at different distances stop at different steps (the batch shrinks); one has a
+    # NaN loss from step 50 on. Each must end exactly where a run of it alone ends: steps, verdict, restored or
+    # averaged iterate, losses.
+    targets = torch.tensor([[0.5, 0.0], [4.0, -3.0], [20.0, 10.0], [1.0, 1.0], [-8.0, 2.0]])
+    rule = StoppingRule(window=40, max_steps=3000)
+    options = dict(learning_rate=0.05, steps=steps, rule=rule, check_interval=20, progress=False)
+    problem = QuadraticBatch(targets, 1.0, nan_from={3: 50})
+    together = run_batch(problem.stepper(), problem.start(list(range(5))), 5, **options)
+    if steps is None:
+        assert len(np.unique(together.steps)) >= 3  # the batch did shrink
+        assert together.converged.sum() == 4
+    assert together.nonfinite_step[3] == 50 and not together.converged[3] and together.steps[3] == 40
+    for m in range(5):
+        alone_problem = QuadraticBatch(targets, 1.0, nan_from={3: 50})
+        alone_problem.generators[m] = torch.Generator().manual_seed(100 + m)
+        alone = run_batch(alone_problem.stepper(), alone_problem.start([m]), 1, **options)
+        assert together.steps[m] == alone.steps[0] and together.converged[m] == alone.converged[0]
+        assert together.averaged_steps[m] == alone.averaged_steps[0]
+        torch.testing.assert_close(together.iterates[0][m], alone.iterates[0][0], rtol=0, atol=0)
+        np.testing.assert_array_equal(together.losses[: together.steps[m], m], alone.losses[: alone.steps[0], 0])
+    # The converged ones reach their targets to about the Polyak-Juditsky error.
+    for m in (0, 1, 2, 4):
+        assert float((together.iterates[0][m] - targets[m]).abs().max()) < 0.6
 
 
 # --- invalid options ----------------------------------------------------------------------------------------------
@@ -411,11 +475,12 @@ def test_init_rejects_a_non_positive_learning_rate(learning_rate):
         init([torch.zeros(1, requires_grad=True)], learning_rate)
 
 
-def test_init_rejects_no_parameters_and_unknown_schedules():
+def test_init_rejects_no_parameters_and_run_unknown_schedules():
     with pytest.raises(ValueError, match="nothing to optimise"):
         init([], 0.1)
+    x = torch.zeros(1, requires_grad=True)
     with pytest.raises(ValueError, match="unknown schedule 'linear'.*'constant', 'exponential', 'cosine'"):
-        init([torch.zeros(1, requires_grad=True)], 0.1, schedule="linear")
+        run(lambda: (x**2).sum(), [x], learning_rate=0.1, schedule="linear")
 
 
 @pytest.mark.parametrize("steps", [0, -5, 2.5, "100"])
