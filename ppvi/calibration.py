@@ -369,12 +369,14 @@ def vsbc(
         Replications ``M``.
     steps : int, optional
         Train every replication for exactly this many steps (the result is the average of the last
-        ``min(100, steps)`` iterates). By default each replication trains until its loss trace is stationary
+        ``min(100, steps // 2)`` iterates). By default each replication trains until its loss trace is stationary
         (:func:`ppvi.convergence.is_stationary`, window 100, checked every 100 steps); at each stationary point its
-        learning rate moves to the next stage of :data:`ppvi.training.STAGES` (:func:`ppvi.training.advance_stages`,
-        the rule ``ppvi.fit`` follows); after the last it is frozen at the average of its last 100 iterates (Polyak
-        averaging) and stops contributing gradient. At most :data:`DEFAULT_MAX_STEPS` steps; replications still
-        running then are averaged the same way and reported ``converged=False``. Frozen replications leave the
+        learning rate moves to the next stage of :data:`ppvi.training.STAGES`; stationary in the last, it stops at
+        the average of the 100 iterates of the window found stationary (Polyak averaging). Each replication goes
+        through :func:`ppvi.training.run_batch`, the loop ``ppvi.fit`` trains through, with its own stages,
+        stopping, and non-finite and divergence checks (a replication whose loss is not finite stops at its last
+        finite check, one that diverges at its best). At most :data:`DEFAULT_MAX_STEPS` steps; replications still
+        running then keep their last iterate and are reported ``converged=False``. Stopped replications leave the
         batch, so the cost of a step falls as replications converge.
     learning_rate : float
         Adam's learning rate, in the whitened coordinates of each replication's Laplace approximation (the guide

@@ -180,18 +180,19 @@ def test_learning_rate_drops_by_the_second_stage_at_the_first_stationary_point(m
     np.testing.assert_allclose(learning_rates[:first], learning_rate, rtol=1e-15)
     np.testing.assert_allclose(learning_rates[first:], learning_rate * STAGES[1], rtol=1e-15)
 
-    # The switch happened at the first check (every 10 steps, from one window on) whose last two windows of losses
-    # were stationary, and the run stopped at the first stationary check of the second stage.
+    # The switch happened at the first check (every 10 steps, from two windows on) whose last two windows of losses
+    # were stationary, and the run stopped at the first check of the second stage, two windows into it, whose own
+    # two windows were.
     def stationary(step):
         return is_stationary(result.losses[max(0, step - 2 * rule.window) : step], rule)
 
-    assert first % interval == 0 and first >= rule.window
+    assert first % interval == 0 and first >= 2 * rule.window
     assert stationary(first)
-    assert not any(stationary(step) for step in range(rule.window, first, interval))
+    assert not any(stationary(step) for step in range(2 * rule.window, first, interval))
     second = result.steps
-    assert second - first >= rule.window and (second - first) % interval == 0
+    assert second - first >= 2 * rule.window and (second - first) % interval == 0
     assert stationary(second)
-    assert not any(stationary(step) for step in range(first + rule.window, second, interval))
+    assert not any(stationary(step) for step in range(first + 2 * rule.window, second, interval))
 
 
 def test_max_steps_before_the_last_stage_is_stationary_keeps_the_last_iterate(monkeypatch):
