@@ -47,7 +47,8 @@ from ppvi.initialization import BatchedLaplaceStart
 
 __all__ = [
     "RANDOM_BLOCK_SIZE", "ReplicationStreams", "BatchedState", "BatchedFit", "StepFunction", "TracedBatchedStep",
-    "eager_step", "init", "keep", "log_density_of", "run", "step_arithmetic", "training_draws_per_call", "update",
+    "eager_step", "init", "keep", "log_density_of", "own_draws_log_density", "run", "step_arithmetic",
+    "training_draws_per_call", "update",
 ]
 
 GuideFamily = Literal["meanfield", "fullrank"]
@@ -268,6 +269,35 @@ def log_density_of(guide: GuideFamily, loc: torch.Tensor, scale: torch.Tensor, w
     return -0.5 * whitened.pow(2).sum(-2).T - log_determinant - 0.5 * dimension * math.log(2 * math.pi)
 
 
+def own_draws_log_density(
+    guide: GuideFamily, loc: torch.Tensor, scale: torch.Tensor, noise: torch.Tensor, w: torch.Tensor
+) -> torch.Tensor:
+    """``log q(w)`` ``(S, A)`` of the guide's own draws ``w = loc + scale noise``, its parameters held fixed (the
+    path-derivative estimator, Roeder, Wu & Duvenaud 2017): the value and the gradient in ``w`` of
+    :func:`log_density_of`, without differentiating a triangular solve.
+
+    For ``"fullrank"`` the standardised draw is ``scale^-1 (w - loc) = noise``, so the value is
+    ``-|noise|^2 / 2 - log|det scale| - D/2 log 2 pi``, and the gradient in ``w`` is
+    ``-(scale scale^T)^-1 (w - loc) = -scale^-T noise``: one triangular solve, computed without gradient and entered
+    as a linear term in ``w``. Tracing the written-out solve of :func:`log_density_of` and its backward pass took
+    most of the full-rank step's symbolic trace (5.7 s of a 17 s VSBC run of eight schools at M = 1000).
+    ``"meanfield"`` keeps :func:`log_density_of`, whose elementwise density has no solve.
+    """
+    if guide == "meanfield":
+        return log_density_of(guide, loc, scale, w)
+    dimension = w.shape[-1]
+    log_determinant = torch.diagonal(scale, dim1=-2, dim2=-1).abs().log().sum(-1)
+    value = -0.5 * noise.pow(2).sum(-1) - log_determinant - 0.5 * dimension * math.log(2 * math.pi)
+    with torch.no_grad():
+        transposed, right_side = scale.transpose(-1, -2), noise.permute(1, 2, 0)  # (A, D, D), (A, D, S)
+        if dimension <= engines.SMALL_MATRIX_SIDE:
+            direction = engines.small_triangular_solve(transposed, right_side, upper=True, unitriangular=False)
+        else:
+            direction = torch.linalg.solve(transposed, right_side)
+        gradient = -direction.permute(2, 0, 1)  # (S, A, D): d log q / d w
+    return value + ((w - w.detach()) * gradient).sum(-1)
+
+
 def init(
     start: BatchedLaplaceStart, guide: GuideFamily, replications: torch.Tensor, data: Sequence[torch.Tensor] = ()
 ) -> BatchedState:
@@ -351,7 +381,7 @@ def step_arithmetic(
     with torch.enable_grad():
         loc, scale = leaves[0], scale_of(guide, *leaves[1:])
         w = transform(guide, loc, scale, noise)
-        log_q = log_density_of(guide, loc.detach(), scale.detach(), w)
+        log_q = own_draws_log_density(guide, loc.detach(), scale.detach(), noise, w)
         z = transform(guide, center, factor, w)  # unwhitened: z = center + factor w
         per_replication = (log_q - log_density(z, *data)).mean(0)
         finite = torch.isfinite(per_replication)

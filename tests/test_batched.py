@@ -205,3 +205,22 @@ def test_full_rank_log_density_equals_torch_multivariate_normal():
         expected = torch.distributions.MultivariateNormal(loc, scale_tril=scale).log_prob(w)
         torch.testing.assert_close(batched.log_density_of("fullrank", loc, scale, w), expected, rtol=1e-12,
                                    atol=1e-10)
+
+
+@pytest.mark.parametrize("dimension", [3, 20])
+def test_own_draws_log_density_has_the_value_and_the_path_gradient_of_the_multivariate_normal(dimension):
+    # At the guide's own draws w = loc + L noise, with loc and L held fixed, the value is torch's MultivariateNormal
+    # log density, and the gradient in w (what the path-derivative estimator differentiates) is that density's.
+    generator = torch.Generator().manual_seed(dimension)
+    S, A = 5, 4
+    scale = torch.randn(A, dimension, dimension, generator=generator, dtype=torch.float64).tril(-1) * 0.3
+    scale = scale + torch.diag_embed(torch.rand(A, dimension, generator=generator, dtype=torch.float64) + 0.5)
+    loc = torch.randn(A, dimension, generator=generator, dtype=torch.float64)
+    noise = torch.randn(S, A, dimension, generator=generator, dtype=torch.float64)
+    w = batched.transform("fullrank", loc, scale, noise).requires_grad_(True)
+    reference = torch.distributions.MultivariateNormal(loc, scale_tril=scale).log_prob(w)
+    value = batched.own_draws_log_density("fullrank", loc, scale, noise, w)
+    torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-10)
+    (expected,) = torch.autograd.grad(reference.sum(), w)
+    (gradient,) = torch.autograd.grad(value.sum(), w)
+    torch.testing.assert_close(gradient, expected, rtol=1e-10, atol=1e-10)
