@@ -371,13 +371,13 @@ def vsbc(
         Train every replication for exactly this many steps (the result is the average of the last
         ``min(100, steps // 2)`` iterates). By default each replication trains until its loss trace is stationary
         (:func:`ppvi.convergence.is_stationary`, window 100, checked every 100 steps); at each stationary point its
-        learning rate moves to the next stage of :data:`ppvi.training.STAGES`; stationary in the last, it stops at
-        the average of the 100 iterates of the window found stationary (Polyak averaging). Each replication goes
-        through :func:`ppvi.training.run_batch`, the loop ``ppvi.fit`` trains through, with its own stages,
-        stopping, and non-finite and divergence checks (a replication whose loss is not finite stops at its last
-        finite check, one that diverges at its best). At most :data:`DEFAULT_MAX_STEPS` steps; replications still
-        running then keep their last iterate and are reported ``converged=False``. Stopped replications leave the
-        batch, so the cost of a step falls as replications converge.
+        learning rate moves to the next stage of :data:`ppvi.training.STAGES`; stationary in the last, it averages
+        its next 100 iterates (Polyak averaging) and stops. Each replication goes through
+        :func:`ppvi.training.run_batch`, the loop ``ppvi.fit`` trains through, with its own stages, stopping, and
+        non-finite and divergence checks (a replication whose loss is not finite stops at its last finite check,
+        one that diverges at its best). At most :data:`DEFAULT_MAX_STEPS` steps; replications still running then
+        keep their last iterate (or their average so far) and are reported ``converged=False``. Stopped
+        replications leave the batch, so the cost of a step falls as replications converge.
     learning_rate : float
         Adam's learning rate, in the whitened coordinates of each replication's Laplace approximation (the guide
         starts there at N(0, I)); replications without a mode start at the prior median with scale 0.1 and train in

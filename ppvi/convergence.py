@@ -2,10 +2,8 @@
 
 Stochastic optimisation of the ELBO never reaches a fixed point: after a transient, the iterates fluctuate around
 the optimum. Following Dhaka, Catalina, Andersen, Magnusson, Huggins & Vehtari (2020, "Robust, accurate
-stochastic optimization for variational inference", NeurIPS), ``ppvi`` detects the end of the transient and
-answers with the average of the iterates (Polyak & Juditsky 1992) over the window found stationary, as Welandawe,
-Andersen, Vehtari & Huggins (2022, "Robust, automated, and accurate black-box variational inference") do, so the
-answer is not the last noisy iterate.
+stochastic optimization for variational inference", NeurIPS), ``ppvi`` detects the end of the transient and then
+averages the iterates (Polyak & Juditsky 1992) over a further window, so the answer is not the last noisy iterate.
 
 The trace is declared stationary when both hold on the loss (negative ELBO) trace:
 
@@ -53,8 +51,7 @@ class StoppingRule:
     Attributes
     ----------
     window : int
-        Steps per stationarity check, and the iterates averaged for the answer (those of the window found
-        stationary).
+        Steps per stationarity check, and the length of the final iterate-averaging phase.
     rhat_threshold : float
         The trace of the last ``window`` losses is stationary when its split-R-hat is below this.
     tolerance : float

@@ -153,9 +153,9 @@ class BatchResult(NamedTuple):
     Attributes
     ----------
     iterates : tuple of torch.Tensor
-        Each ``(M, ...)``: where each replication ended. The average of its iterates over the window found
-        stationary (or of its last ones, in a fixed run); the saved iterate of the last finite check (a non-finite
-        loss) or of the best check interval (a divergence or a breakdown); the last iterate otherwise.
+        Each ``(M, ...)``: where each replication ended. The average of its iterates over its averaging phase; the
+        saved iterate of the last finite check (a non-finite loss), of the best check interval (a divergence or a
+        breakdown); the last iterate otherwise.
     losses : numpy.ndarray
         ``(steps run, M)``; NaN once a replication has stopped.
     steps : numpy.ndarray of int
@@ -199,13 +199,6 @@ def _put(target: tuple[torch.Tensor, ...], rows, source: tuple[torch.Tensor, ...
             destination[rows] = values[positions].to(destination.dtype)
 
 
-def _window_start(starts: list[int], latest: int) -> int:
-    """The first step of the averaging window: the last block start at or before ``latest`` (the earliest block's
-    when none is)."""
-    index = int(np.searchsorted(np.asarray(starts), latest, side="right")) - 1
-    return starts[max(index, 0)]
-
-
 def run_batch(
     stepper: Stepper,
     state: Any,
@@ -227,27 +220,16 @@ def run_batch(
     - a non-finite loss stops it at the iterate of the last check (all of whose losses were finite);
     - an ELBO estimate impossibly high (:data:`BREAKDOWN_FACTOR`) stops it at the best check interval seen, and so
       does a median loss above the best by more than the noise allows (:data:`DIVERGENCE_NOISE_MULTIPLE`);
-    - without a fixed number of ``steps``, once a stage has run two windows (``2 * rule.window`` steps), stationary
-      losses over those two (:func:`ppvi.convergence.is_stationary`) move it to the next of :data:`STAGES`
-      (:func:`advance_stages`); stationary in the last stage, it stops at the average of its iterates over the last
-      window (Polyak & Juditsky 1992; the iterate average over the converged window of Welandawe, Andersen,
-      Vehtari & Huggins 2022). Testing a stage on its own losses only keeps the learning rate's drop out of the
-      test (the ELBO's gain when the iterates' noise shrinks is not a trend of the stage), and the averaged window
-      starts a whole window after the drop, when the iterates have settled to the new rate's spread: a window
-      starting at the drop, tested across the boundary, gave full-rank fits of kidiq and sblrc PSIS k-hats above
-      0.7 (against below it) and a flow too narrow on the banana (sd 0.89 of the truth).
+    - without a fixed number of ``steps``, once a stage has run ``rule.window`` steps, stationary losses
+      (:func:`ppvi.convergence.is_stationary` on the last two windows) move it to the next of :data:`STAGES`
+      (:func:`advance_stages`), and after the last stage it averages its iterates over another ``rule.window``
+      steps (Polyak & Juditsky 1992; the detect-then-average rule of Dhaka et al. 2020) and stops.
 
     With a fixed number of ``steps`` every replication takes them all, at the learning rate times ``schedule``, and
-    ends at the average of its last ``min(rule.window, steps // 2)`` iterates. A replication that reaches
-    ``rule.max_steps`` without stopping ends at its last iterate. Replications that stop leave the batch
+    averages its last ``min(rule.window, steps // 2)`` iterates. Replications that stop leave the batch
     (``stepper.keep``), so the others' steps get cheaper. ``KeyboardInterrupt`` (Ctrl-C) stops the loop cleanly,
-    as PyMC's ``pm.fit`` does: each replication keeps its last iterate (its last check's if a loss since was not
-    finite) and the result says where it stopped.
-
-    The window averages are kept as sums of the iterates between consecutive checks, for the replications in their
-    last stage: a window's average is the sum of the blocks it spans. When ``rule.window`` is a multiple of
-    ``check_interval`` the window is exactly ``rule.window`` iterates; otherwise it reaches back to the last
-    check at least ``rule.window`` steps back.
+    as PyMC's ``pm.fit`` does: each replication keeps its last completed iterate (its last check's if a loss since
+    was not finite) and the result says where it stopped.
 
     Parameters
     ----------
@@ -285,14 +267,14 @@ def run_batch(
     total = int(steps) if fixed else rule.max_steps
     factor = schedule_factor(schedule, total)
     constant_rate = schedule == "constant"
-    last_stage = len(STAGES) - 1
-    # With a fixed number of steps, the iterates after this many steps are averaged.
-    averaging_from = total - min(rule.window, total // 2) if fixed else total
+    averaging_steps = min(rule.window, total // 2) if fixed else rule.window
     M = int(replications)
 
     # Per replication (global position 0..M-1).
     stage = np.zeros(M, dtype=int)
     stage_start = np.zeros(M, dtype=int)
+    averaging_since = np.full(M, -1)
+    end_step = np.full(M, total)
     converged = np.zeros(M, dtype=bool)
     stationary_step = np.full(M, -1)
     averaged_steps = np.zeros(M, dtype=int)
@@ -309,52 +291,58 @@ def run_batch(
     device = iterate[0].device
     checkpoint, best = _copy(iterate), _copy(iterate)
     final = tuple(torch.zeros((M, *value.shape[1:]), dtype=value.dtype, device=device) for value in iterate)
-    blocks: list[tuple[int, tuple[torch.Tensor, ...]]] = []  # (first step, iterate sums) between two checks
-    open_block: tuple[int, tuple[torch.Tensor, ...]] | None = None  # the one being summed since the last check
+    sums: tuple[torch.Tensor, ...] | None = None  # iterate sums of the replications averaging
     block = torch.empty((check_interval, M), dtype=torch.float64, device=device)
     rates: np.ndarray | None = None
-    summing = False  # whether a replication in the batch is in its last stage (or a fixed run in its average)
+    next_end, any_averaging = total, False  # the earliest end of a replication in the batch; whether one averages
 
     step = last_check = position = 0
+    fixed_averaging_from = total - averaging_steps if fixed else None
     bar = _progress_bar(progress, total)
     started = time.perf_counter()
 
-    def stop(positions: np.ndarray, source: tuple[torch.Tensor, ...], counted: int, rows_of_source=None) -> None:
-        """Stop the replications at ``positions`` of the batch, ending at ``source``'s rows ``rows_of_source``
-        (default: the same positions), their traces counting ``counted`` steps."""
-        where = positions if rows_of_source is None else rows_of_source
-        _put(final, torch.as_tensor(active[positions], device=device), source, torch.as_tensor(where, device=device))
+    def stop(positions: np.ndarray, source: tuple[torch.Tensor, ...] | None, counted: int) -> None:
+        """Stop the replications at ``positions`` of the batch, ending at ``source``'s rows (their average when
+        ``None``), their traces counting ``counted`` steps."""
+        rows = torch.as_tensor(active[positions], device=device)
+        where = torch.as_tensor(positions, device=device)
+        if source is None:
+            count = torch.as_tensor(step - averaging_since[active[positions]], device=device)
+            averaged = tuple(total_[where] / count.reshape(-1, *([1] * (total_.dim() - 1))) for total_ in sums)
+            _put(final, rows, averaged, torch.arange(len(positions), device=device))
+            averaged_steps[active[positions]] = step - averaging_since[active[positions]]
+        else:
+            _put(final, rows, source, where)
         trace_steps[active[positions]] = counted
+        end_step[active[positions]] = -1  # stopped
 
-    def stop_averaged(positions: np.ndarray, since: np.ndarray) -> None:
-        """Stop the replications at ``positions`` at the average of their iterates after step ``since`` (each a
-        block's first step) to now."""
-        for first in np.unique(since):
-            group = positions[since == first]
-            where = torch.as_tensor(group, device=device)
-            spanned = [sums for start, sums in [*blocks] if start >= first]
-            averaged = tuple(
-                sum(sums[k][where] for sums in spanned) / (step - first) for k in range(len(final))
-            )
-            stop(group, averaged, step, np.arange(len(group)))
-            averaged_steps[active[group]] = step - first
+    def start_averaging(positions: np.ndarray) -> None:
+        nonlocal sums, any_averaging
+        averaging_since[active[positions]] = step
+        any_averaging = True
+        if sums is None:
+            sums = tuple(torch.zeros_like(value) for value in stepper.iterate(state))
+        else:
+            where = torch.as_tensor(positions, device=device)
+            with torch.no_grad():
+                for value in sums:
+                    value[where] = 0
 
     interrupted_step = None
     try:
         while len(active):
+            if fixed_averaging_from is not None and step == fixed_averaging_from:
+                start_averaging(np.arange(len(active)))
             if rates is None or not constant_rate:
                 rates = learning_rate * np.asarray(STAGES)[stage[active]] * factor(step)
             state, loss = stepper.update(state, rates)
             block[position] = loss
             step += 1
             position += 1
-            if summing or step > averaging_from:
+            if any_averaging:
                 with torch.no_grad():
-                    if open_block is None:
-                        open_block = (step - 1, _copy(stepper.iterate(state)))
-                    else:
-                        torch._foreach_add_(list(open_block[1]), [value.detach() for value in stepper.iterate(state)])
-            due = position == check_interval or step == total
+                    torch._foreach_add_(list(sums), [value.detach() for value in stepper.iterate(state)])
+            due = position == check_interval or step == next_end
             if not due and loss is not INVALID_LOSS:
                 continue
 
@@ -366,12 +354,6 @@ def run_batch(
                 bar.update(step - last_check)
                 with np.errstate(all="ignore"):
                     bar.set_postfix(elbo=f"{-np.nanmean(recent):.4g}")
-            if open_block is not None:
-                blocks.append(open_block)
-                open_block = None
-            if not fixed and blocks:  # no later window starts before this one's first block
-                first = _window_start([start for start, _ in blocks], step - rule.window)
-                blocks = [(start, sums) for start, sums in blocks if start >= first]
             iterate = stepper.iterate(state)
             stopping = np.zeros(len(active), dtype=bool)
 
@@ -394,15 +376,16 @@ def run_batch(
                 allowance = BREAKDOWN_FACTOR * np.maximum(BREAKDOWN_MINIMUM_NATS, np.abs(start_median[active]))
                 impossible = (start_median[active] - recent > allowance) & finite
                 broken = np.flatnonzero(impossible.any(axis=0) & ~stopping)
-                has_best = np.isfinite(best_median[active[broken]])
-                for i, restorable in zip(broken, has_best, strict=True):
+                for i in broken:
                     m = active[i]
                     breakdown_step[m] = last_check + int(np.argmax(impossible[:, i]))
                     diverged_step[m] = step
+                    has_best = math.isfinite(best_median[m])
                     events[m] = breakdown_message(
                         int(breakdown_step[m]), -float(recent[:, i].min()), -float(start_median[m]),
-                        int(best_step[m]) if restorable else last_check, learning_rate,
+                        int(best_step[m]) if has_best else last_check, learning_rate,
                     )
+                has_best = np.isfinite(best_median[active[broken]])
                 if has_best.any():
                     stop(broken[has_best], best, last_check)
                 if (~has_best).any():
@@ -427,20 +410,15 @@ def run_batch(
                     best_median[active[improved]] = medians[improved]
                     best_spread[active[improved]] = recent[:, improved].std(axis=0, ddof=1)
                     best_step[active[improved]] = step
-                    where = torch.as_tensor(improved, device=device)
-                    _put(best, where, iterate, where)
+                    _put(best, torch.as_tensor(improved, device=device), iterate,
+                         torch.as_tensor(improved, device=device))
             checkpoint = _copy(iterate)
             last_check = step
 
-            if fixed and step == total:
-                ending = np.flatnonzero(~stopping)
-                if averaging_from < total:
-                    stop_averaged(ending, np.full(len(ending), averaging_from))
-                else:
-                    stop(ending, iterate, step)
-                stopping[ending] = True
-            elif not fixed:
-                candidates = np.flatnonzero(~stopping & (step - stage_start[active] >= 2 * rule.window))
+            if not fixed:
+                candidates = np.flatnonzero(
+                    ~stopping & (averaging_since[active] < 0) & (step - stage_start[active] >= rule.window)
+                )
                 stationary = np.asarray([
                     i for i in candidates
                     if is_stationary(losses[max(0, step - 2 * rule.window) : step, active[i]], rule)
@@ -451,17 +429,21 @@ def run_batch(
                     stage[active[moving]] = advanced[~finished]
                     stage_start[active[moving]] = step
                     done = stationary[finished]
+                    converged[active[done]] = True
+                    stationary_step[active[done]] = step
+                    end_step[active[done]] = np.minimum(total, step + averaging_steps)
                     if len(done):
-                        converged[active[done]] = True
-                        stationary_step[active[done]] = step
-                        first = _window_start([start for start, _ in blocks], step - rule.window)
-                        stop_averaged(done, np.maximum(first, stage_start[active[done]]))
-                        stopping[done] = True
+                        start_averaging(done)
                     rates = None
-                if step == total:
-                    ending = np.flatnonzero(~stopping)
-                    stop(ending, iterate, step)
-                    stopping[ending] = True
+
+            ending = np.flatnonzero(~stopping & ((end_step[active] == step) | (step == total)))
+            if len(ending):
+                averaging = averaging_since[active[ending]] >= 0
+                if averaging.any():
+                    stop(ending[averaging], None, step)
+                if (~averaging).any():
+                    stop(ending[~averaging], iterate, step)
+                stopping[ending] = True
             if stopping.any():
                 keep = ~stopping
                 active = active[keep]
@@ -470,10 +452,13 @@ def run_batch(
                     state = stepper.keep(state, rows)
                     checkpoint = tuple(value[rows] for value in checkpoint)
                     best = tuple(value[rows] for value in best)
-                    blocks = [(start, tuple(value[rows] for value in sums)) for start, sums in blocks]
+                    if sums is not None:
+                        sums = tuple(value[rows] for value in sums)
                     block = torch.empty((check_interval, len(active)), dtype=torch.float64, device=device)
                     rates = None
-            summing = bool((stage[active] == last_stage).any()) if not fixed else step >= averaging_from
+            if len(active):
+                next_end = int(end_step[active].min())
+                any_averaging = bool((averaging_since[active] >= 0).any())
     except KeyboardInterrupt:
         interrupted_step = step
         if len(active):
@@ -484,15 +469,20 @@ def run_batch(
                 torch.isfinite(value.reshape(len(active), -1)).all(dim=1) for value in iterate
             ]).all(dim=0).cpu().numpy()
             usable = np.isfinite(recent).all(axis=0) & finite_iterate
-            if usable.any():
-                stop(np.flatnonzero(usable), iterate, step)
-            if (~usable).any():
-                stop(np.flatnonzero(~usable), checkpoint, last_check)
+            averaging = averaging_since[active] >= 0
+            for group, source, counted in (
+                (np.flatnonzero(usable & averaging & (averaging_since[active] < step)), None, step),
+                (np.flatnonzero(usable & ~(averaging & (averaging_since[active] < step))), iterate, step),
+                (np.flatnonzero(~usable), checkpoint, last_check),
+            ):
+                if len(group):
+                    stop(group, source, counted)
             for m in active:
                 events[m] = (
                     f"interrupted (KeyboardInterrupt) at step {interrupted_step}; kept the parameters of step "
                     f"{trace_steps[m]}"
                 )
+            converged[active] = False
     seconds = time.perf_counter() - started
     if bar is not None:
         bar.close()

@@ -18,9 +18,9 @@ NUM_DRAWS = 20_000
 #: Eight schools is the one posterior that a normal in the unconstrained space cannot fit to these tolerances:
 #: tau's posterior in log space is skewed, and at the full-rank optimum (10,000 steps x 16 particles, measured)
 #: tau's mean is 0.19 reference sds off and its sd 22 % low. A default fit adds its Monte Carlo error to that: over
-#: seeds 0-5, tau's sd was 25 % low on average and 29 % at worst (23 % and 33 % with the training loop before
-#: ppvi.training.run_batch). The test holds that posterior to the family's limit with that spread (means 0.25, sds
-#: 35 %) and to the issue's tolerances after PSIS correction (tests/diagnostics).
+#: seeds 0-5, tau's sd was 23 % low on average and 33 % at worst (measured). The test holds that posterior to the
+#: family's limit with that spread (means 0.25, sds 35 %) and to the issue's tolerances after PSIS correction
+#: (tests/diagnostics).
 FAMILY_LIMITED = {"eight_schools-eight_schools_noncentered": (0.25, 0.35)}
 
 

@@ -50,8 +50,7 @@ def test_run_converges_to_the_target_of_a_noisy_quadratic():
     assert len(loss.seen) == result.steps and result.losses.shape == (result.steps,)
     assert np.isfinite(result.losses).all()
     stationary_at = int(re.search(r"stationary at step (\d+)", result.message).group(1))
-    assert result.steps == stationary_at  # stopped at the window found stationary, and averaged it
-    assert "averaged the last 100 iterates" in result.message
+    assert result.steps == stationary_at + rule.window  # averaged over one more window, then stopped
     # Polyak & Juditsky (1992): averaging W iterates at stationarity leaves an error of sd sigma / sqrt(W) per
     # coordinate (the mean gradient noise over the window divided by the curvature, 1 here). Allow 1.5 times that
     # in root mean square over the 20 coordinates for the start/end terms of the average, and 4 times at most.
@@ -180,52 +179,36 @@ def test_learning_rate_drops_by_the_second_stage_at_the_first_stationary_point(m
     np.testing.assert_allclose(learning_rates[:first], learning_rate, rtol=1e-15)
     np.testing.assert_allclose(learning_rates[first:], learning_rate * STAGES[1], rtol=1e-15)
 
-    # The switch happened at the first check (every 10 steps, from two windows on) whose last two windows of losses
-    # were stationary, and the run stopped at the first check of the second stage, two windows into it, whose own
-    # two windows were.
+    # The switch happened at the first check (every 10 steps, from one window on) whose last two windows of losses
+    # were stationary, and the run stopped one window after the first stationary check of the second stage.
     def stationary(step):
         return is_stationary(result.losses[max(0, step - 2 * rule.window) : step], rule)
 
-    assert first % interval == 0 and first >= 2 * rule.window
+    assert first % interval == 0 and first >= rule.window
     assert stationary(first)
-    assert not any(stationary(step) for step in range(2 * rule.window, first, interval))
-    second = result.steps
-    assert second - first >= 2 * rule.window and (second - first) % interval == 0
+    assert not any(stationary(step) for step in range(rule.window, first, interval))
+    second = result.steps - rule.window
+    assert second - first >= rule.window and (second - first) % interval == 0
     assert stationary(second)
-    assert not any(stationary(step) for step in range(first + 2 * rule.window, second, interval))
+    assert not any(stationary(step) for step in range(first + rule.window, second, interval))
 
 
-def test_max_steps_before_the_last_stage_is_stationary_keeps_the_last_iterate(monkeypatch):
-    # Zero gradient and white-noise losses: the run is stationary at the first checks of both stages. Capped five
-    # steps before the second stationary check, it is not converged and ends at its last iterate, unaveraged.
-    after_update = []
-    original = training.update
-
-    def recording(state, *args, **kwargs):
-        new_state, value = original(state, *args, **kwargs)
-        after_update.append(new_state.parameters[0].detach().clone())
-        return new_state, value
-
-    monkeypatch.setattr(training, "update", recording)
-
+def test_averaging_cut_short_by_max_steps_is_reported_truthfully():
+    # Zero gradient and white-noise losses: the run is stationary at the first checks of both stages. With max_steps
+    # five steps past the second stationary point, only five iterates can be averaged.
     def noise_run(max_steps):
-        after_update.clear()
         x = torch.zeros(2, requires_grad=True)
         generator = torch.Generator().manual_seed(0)
+        return run(lambda: (0.0 * x).sum() + torch.randn((), generator=generator), [x], learning_rate=0.1,
+                   rule=StoppingRule(window=20, max_steps=max_steps), check_interval=10, progress=False)
 
-        def loss():
-            return ((x - torch.randn(2, generator=generator)) ** 2).sum() * 1e-6 + torch.randn((), generator=generator)
-
-        return run(loss, [x], learning_rate=0.1, rule=StoppingRule(window=20, max_steps=max_steps), check_interval=10,
-                   progress=False), x
-
-    free, x = noise_run(1000)
-    assert free.converged and "averaged the last 20 iterates" in free.message
-    torch.testing.assert_close(x.detach(), torch.stack(after_update[-20:]).mean(0), rtol=1e-12, atol=1e-12)
-    capped, x = noise_run(free.steps - 5)
-    assert not capped.converged and capped.steps == free.steps - 5 == len(after_update)
-    assert capped.message == f"reached max_steps={free.steps - 5} before the ELBO became stationary"
-    torch.testing.assert_close(x.detach(), after_update[-1], rtol=0, atol=0)
+    free = noise_run(1000)
+    assert free.converged
+    stationary_at = free.steps - 20
+    capped = noise_run(stationary_at + 5)
+    assert capped.steps == stationary_at + 5
+    claimed = re.search(r"averaged the iterates over (\d+) more", capped.message)
+    assert claimed is None or int(claimed.group(1)) == 5, capped.message
 
 
 # --- run: non-finite losses ---------------------------------------------------------------------------------------
