@@ -33,7 +33,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -652,11 +652,17 @@ def run(
     """
     rule = StoppingRule(max_steps=max_steps)
     M = start.center.shape[0]
-    stepper = training.Stepper(
-        functools.partial(_update_with, step=step, streams=streams, num_particles=num_particles),
-        lambda state: (state.loc, state.scale),
-        keep,
-    )
+    device_rates: dict[str, Any] = {}
+
+    def update_at(state: BatchedState, learning_rates: np.ndarray) -> tuple[BatchedState, torch.Tensor]:
+        # The loop hands over the same array until a stage changes or the batch shrinks: copy it to the device then
+        # only, not at every step (800 kB a step at M = 100,000).
+        if device_rates.get("host") is not learning_rates:
+            device_rates["host"] = learning_rates
+            device_rates["device"] = torch.as_tensor(learning_rates, dtype=state.center.dtype).to(state.center.device)
+        return update(state, step, device_rates["device"], streams, num_particles)
+
+    stepper = training.Stepper(update_at, lambda state: (state.loc, state.scale), keep)
     result = training.run_batch(
         stepper, init(start, guide, replication_index, data), M, learning_rate=learning_rate,
         steps=None if stopping else max_steps, rule=rule, check_interval=rule.window, progress=False,
@@ -666,6 +672,3 @@ def run(
     loc, scale = result.iterates
     return BatchedFit(loc, scale, result.converged, result.steps, result.losses)
 
-
-def _update_with(state: BatchedState, learning_rates: np.ndarray, *, step, streams, num_particles):
-    return update(state, step, learning_rates, streams, num_particles)

@@ -376,16 +376,15 @@ def run_batch(
                 allowance = BREAKDOWN_FACTOR * np.maximum(BREAKDOWN_MINIMUM_NATS, np.abs(start_median[active]))
                 impossible = (start_median[active] - recent > allowance) & finite
                 broken = np.flatnonzero(impossible.any(axis=0) & ~stopping)
-                for i in broken:
+                has_best = np.isfinite(best_median[active[broken]])
+                for i, restorable in zip(broken, has_best, strict=True):
                     m = active[i]
                     breakdown_step[m] = last_check + int(np.argmax(impossible[:, i]))
                     diverged_step[m] = step
-                    has_best = math.isfinite(best_median[m])
                     events[m] = breakdown_message(
                         int(breakdown_step[m]), -float(recent[:, i].min()), -float(start_median[m]),
-                        int(best_step[m]) if has_best else last_check, learning_rate,
+                        int(best_step[m]) if restorable else last_check, learning_rate,
                     )
-                has_best = np.isfinite(best_median[active[broken]])
                 if has_best.any():
                     stop(broken[has_best], best, last_check)
                 if (~has_best).any():
@@ -410,8 +409,8 @@ def run_batch(
                     best_median[active[improved]] = medians[improved]
                     best_spread[active[improved]] = recent[:, improved].std(axis=0, ddof=1)
                     best_step[active[improved]] = step
-                    _put(best, torch.as_tensor(improved, device=device), iterate,
-                         torch.as_tensor(improved, device=device))
+                    where = torch.as_tensor(improved, device=device)
+                    _put(best, where, iterate, where)
             checkpoint = _copy(iterate)
             last_check = step
 
