@@ -191,6 +191,40 @@ def test_traced_step_writes_the_adam_step_into_the_parameters_in_place():
     torch.testing.assert_close(step.state.second_moment[0], state.second_moment[0], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
+def test_compiled_step_calls_its_kernel_directly_and_takes_the_adam_steps():
+    """After its first call the compiled step calls TorchInductor's kernel past AOTAutograd's wrappers, with the
+    graph's lifted constants (here the data) before its inputs: every step, wrapped or direct, is the functional
+    Adam's, written in place."""
+    data = torch.linspace(-1.0, 2.0, 7, dtype=torch.float64)
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+    def loss_of(weight: torch.Tensor) -> torch.Tensor:
+        return ((data - weight[0]) ** 2).sum() + ((data * weight[1] - 1.0) ** 2).sum()
+
+    step = engine.trace_step(lambda: loss_of(module.weight), module, [module.weight], compile=True)
+    parameters, state = (module.weight.detach().clone(),), engine.adam_init([module.weight])
+    for learning_rate in (0.1, 0.1, 0.05, 0.05):
+        parameter = parameters[0].clone().requires_grad_()
+        expected_loss = loss_of(parameter)
+        gradient = torch.autograd.grad(expected_loss, parameter)
+        parameters, state = engine.adam_update(parameters, gradient, state, learning_rate, 1e-8)
+        loss = step(learning_rate)
+        torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(module.weight.detach(), parameters[0], rtol=1e-12, atol=1e-12)
+        assert step.calls_kernel_directly  # found on the first call, used from the second
+    torch.testing.assert_close(step.state.first_moment[0], state.first_moment[0], rtol=1e-12, atol=1e-12)
+
+
+def test_a_function_without_a_compiled_kernel_keeps_its_own_call():
+    """Where no compiled graph stands behind the function, the step goes through the function itself."""
+    value = torch.tensor([1.0, 2.0])
+    loss, entry = engine._kernel_entry(lambda x: (x.sum(),), (value,))
+    assert entry is None
+    assert loss.item() == 3.0
+
+
 def test_small_linear_algebra_written_out_equals_the_library_calls():
     """The compiled step's elementwise products and substitutions compute what BLAS and LAPACK compute."""
     from torch.fx.experimental.proxy_tensor import make_fx
