@@ -132,8 +132,9 @@ class Stepper(NamedTuple):
     update : callable
         ``(state, learning_rates) -> (state, losses)``: one step of every replication in the batch, each at its own
         learning rate (``learning_rates``, a numpy array ``(A,)``); ``losses`` ``(A,)`` (a 0-dim tensor when
-        ``A = 1``) are the losses before the step, on the parameters' device. :data:`INVALID_LOSS` (by identity)
-        asks the loop to check the losses at once.
+        ``A = 1``) are the losses before the step, on the parameters' device, a tensor the stepper does not write
+        again (the loop keeps each step's until its next check). :data:`INVALID_LOSS` (by identity) asks the loop
+        to check the losses at once.
     iterate : callable
         ``state -> tuple of torch.Tensor``, each ``(A, ...)``: the current iterate, in the coordinates the loop
         averages, saves and restores (a view of live parameters is allowed: the loop copies what it keeps).
@@ -186,6 +187,20 @@ class BatchResult(NamedTuple):
     events: dict[int, str]
     interrupted_step: int | None
     seconds: float
+
+
+def _read_losses(recorded: list[torch.Tensor], count: int, device: torch.device) -> np.ndarray:
+    """The losses of ``count`` replications recorded at each step since the last check, ``(steps, count)`` float64
+    on the host: one stack and one copy for the interval (a write into a preallocated tensor at every step cost
+    3 us a step, as much as the rest of the loop's bookkeeping for one fit)."""
+    if not recorded:
+        return np.zeros((0, count))
+    if any(value is INVALID_LOSS for value in recorded):  # a step that validation rejected took no step
+        recorded = [
+            torch.full((count,), math.nan, dtype=torch.float64, device=device) if value is INVALID_LOSS
+            else value.reshape(count) for value in recorded
+        ]
+    return torch.stack(recorded).reshape(len(recorded), count).to(torch.float64).cpu().numpy()
 
 
 def _copy(values: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -292,7 +307,7 @@ def run_batch(
     checkpoint, best = _copy(iterate), _copy(iterate)
     final = tuple(torch.zeros((M, *value.shape[1:]), dtype=value.dtype, device=device) for value in iterate)
     sums: tuple[torch.Tensor, ...] | None = None  # iterate sums of the replications averaging
-    block = torch.empty((check_interval, M), dtype=torch.float64, device=device)
+    recorded: list[torch.Tensor] = []  # the losses since the last check, read back (stacked) at the check
     rates: np.ndarray | None = None
     next_end, any_averaging = total, False  # the earliest end of a replication in the batch; whether one averages
 
@@ -336,7 +351,7 @@ def run_batch(
             if rates is None or not constant_rate:
                 rates = learning_rate * np.asarray(STAGES)[stage[active]] * factor(step)
             state, loss = stepper.update(state, rates)
-            block[position] = loss
+            recorded.append(loss)
             step += 1
             position += 1
             if any_averaging:
@@ -347,9 +362,10 @@ def run_batch(
                 continue
 
             # -- a check --------------------------------------------------------------------------------------------
-            recent = block[:position].cpu().numpy()
+            recent = _read_losses(recorded, len(active), device)
             losses[last_check:step, active] = recent
             position = 0
+            recorded = []
             if bar is not None:
                 bar.update(step - last_check)
                 with np.errstate(all="ignore"):
@@ -453,7 +469,6 @@ def run_batch(
                     best = tuple(value[rows] for value in best)
                     if sums is not None:
                         sums = tuple(value[rows] for value in sums)
-                    block = torch.empty((check_interval, len(active)), dtype=torch.float64, device=device)
                     rates = None
             if len(active):
                 next_end = int(end_step[active].min())
@@ -461,7 +476,7 @@ def run_batch(
     except KeyboardInterrupt:
         interrupted_step = step
         if len(active):
-            recent = block[:position].cpu().numpy()
+            recent = _read_losses(recorded, len(active), device)
             losses[last_check:step, active] = recent
             iterate = stepper.iterate(state)
             finite_iterate = torch.stack([
