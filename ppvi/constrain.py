@@ -23,8 +23,36 @@ import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from torch.distributions import biject_to
+from torch.distributions.transforms import StickBreakingTransform, Transform
 
-__all__ = ["ConstrainMessenger", "constrained_trace"]
+__all__ = ["ConstrainMessenger", "SymbolicStickBreakingTransform", "constrained_trace", "support_transform"]
+
+
+class SymbolicStickBreakingTransform(StickBreakingTransform):
+    """torch's stick-breaking map onto the simplex (:class:`~torch.distributions.transforms.StickBreakingTransform`),
+    the same arithmetic with its two paddings by a column of ones written as concatenations.
+
+    ``torch.nn.functional.pad`` tests the size of every dimension of its input while a graph is traced with a
+    symbolic batch size (``Eq(A, 40)`` for 40 replications), which ties the traced step to that one size and sends
+    calibration of any model with a Dirichlet site back to the Pyro path. A concatenation holds for every size.
+    """
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        offset = x.shape[-1] + 1 - x.new_ones(x.shape[-1]).cumsum(-1)
+        finfo = torch.finfo(x.dtype)  # torch's _clipped_sigmoid: the sigmoid kept inside (0, 1)
+        z = torch.clamp(torch.sigmoid(x - offset.log()), min=finfo.tiny, max=1.0 - finfo.eps)
+        z_cumprod = (1 - z).cumprod(-1)
+        ones = z.new_ones(*z.shape[:-1], 1)
+        return torch.cat([z, ones], dim=-1) * torch.cat([ones, z_cumprod], dim=-1)
+
+
+def support_transform(support: torch.distributions.constraints.Constraint) -> Transform:
+    """``biject_to(support)``, with :class:`SymbolicStickBreakingTransform` for a simplex: the map from unconstrained
+    coordinates that holds in a graph traced for any number of replications."""
+    transform = biject_to(support)
+    if type(transform) is StickBreakingTransform:
+        return SymbolicStickBreakingTransform(cache_size=transform._cache_size)
+    return transform
 
 
 class ConstrainMessenger(Messenger):
@@ -60,7 +88,7 @@ class ConstrainMessenger(Messenger):
         if msg["is_observed"] or name not in self.unconstrained:
             return
         unconstrained = self.unconstrained[name]
-        transform = biject_to(msg["fn"].support)
+        transform = support_transform(msg["fn"].support)
         value = transform(unconstrained)
         jacobian = transform.log_abs_det_jacobian(unconstrained, value)
         # Every dimension but the draws' (the leftmost of every value in a batch) belongs to the site.

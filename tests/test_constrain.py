@@ -140,3 +140,21 @@ def test_vsbc_simulates_and_scores_each_replication_within_its_own_bound():
         # beta's come from 1,000 constrained guide draws (its bound moves), so 0 and 1 are possible values.
         assert np.isfinite(probabilities).all() and ((probabilities >= 0) & (probabilities <= 1)).all(), name
     assert (table["ks_pvalue"] > 0.01).all(), table
+
+
+def test_simplex_map_is_torchs_stick_breaking():
+    """The concatenating stick-breaking map computes torch's values and Jacobian (that it traces for every batch
+    size is tested in test_batched, on a model with a Dirichlet site)."""
+    from torch.distributions.transforms import StickBreakingTransform
+
+    from ppvi.constrain import SymbolicStickBreakingTransform, support_transform
+
+    transform = support_transform(dist.constraints.simplex)
+    assert isinstance(transform, SymbolicStickBreakingTransform)
+    reference = StickBreakingTransform()
+    x = 3.0 * torch.randn(4, 6, 3, dtype=torch.float64)
+    x[0, 0] = torch.tensor([-800.0, 0.0, 800.0])  # the clipping at both ends of the sigmoid
+    y = transform(x)
+    torch.testing.assert_close(y, reference(x), rtol=0, atol=0)
+    torch.testing.assert_close(transform.log_abs_det_jacobian(x, y), reference.log_abs_det_jacobian(x, y))
+    torch.testing.assert_close(transform.inv(y[1:]), x[1:])
