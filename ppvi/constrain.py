@@ -16,6 +16,7 @@ messenger accumulates per draw.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import pyro
@@ -23,9 +24,15 @@ import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from torch.distributions import biject_to
-from torch.distributions.transforms import StickBreakingTransform, Transform
+from torch.distributions.transforms import CorrCholeskyTransform, StickBreakingTransform, Transform
 
-__all__ = ["ConstrainMessenger", "SymbolicStickBreakingTransform", "constrained_trace", "support_transform"]
+__all__ = [
+    "ConstrainMessenger",
+    "SymbolicCorrCholeskyTransform",
+    "SymbolicStickBreakingTransform",
+    "constrained_trace",
+    "support_transform",
+]
 
 
 class SymbolicStickBreakingTransform(StickBreakingTransform):
@@ -46,13 +53,50 @@ class SymbolicStickBreakingTransform(StickBreakingTransform):
         return torch.cat([z, ones], dim=-1) * torch.cat([ones, z_cumprod], dim=-1)
 
 
+def _strictly_lower_matrix(vector: torch.Tensor) -> torch.Tensor:
+    """``(..., n (n - 1) / 2) -> (..., n, n)``: the entries below the diagonal filled in row order, as
+    ``torch.distributions.utils.vec_to_tril_matrix(vector, diag=-1)`` does, by gathering from the vector with one
+    zero put in front. torch's boolean-mask assignment needs the number of entries as a concrete integer, which a
+    graph traced with a symbolic batch size does not have."""
+    count = vector.shape[-1]
+    size = round((1 + math.sqrt(1 + 8 * count)) / 2)  # the positive root of n^2 - n - 2 count = 0
+    rows, columns = torch.tril_indices(size, size, offset=-1)
+    source = torch.zeros(size * size, dtype=torch.long)  # 0: the zero in front; k + 1: the vector's entry k
+    source[rows * size + columns] = torch.arange(1, count + 1)
+    padded = torch.cat([vector.new_zeros(*vector.shape[:-1], 1), vector], dim=-1)
+    return padded.index_select(-1, source.to(vector.device)).reshape(*vector.shape[:-1], size, size)
+
+
+class SymbolicCorrCholeskyTransform(CorrCholeskyTransform):
+    """torch's map onto Cholesky factors of correlation matrices (LKJ sites,
+    :class:`~torch.distributions.transforms.CorrCholeskyTransform`) with its padding by a column of ones written as a
+    concatenation, for the reason :class:`SymbolicStickBreakingTransform` gives, and the vector laid out below the
+    diagonal by :func:`_strictly_lower_matrix`."""
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(x)
+        eps = torch.finfo(x.dtype).eps
+        x = x.clamp(min=-1 + eps, max=1 - eps)
+        r = _strictly_lower_matrix(x)
+        z1m_cumprod_sqrt = (1 - r**2).sqrt().cumprod(-1)  # stick-breaking on the squared values, as torch
+        r = r + torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+        ones = z1m_cumprod_sqrt.new_ones(*z1m_cumprod_sqrt.shape[:-1], 1)
+        return r * torch.cat([ones, z1m_cumprod_sqrt[..., :-1]], dim=-1)
+
+
+#: torch's transforms that pad, and ppvi's versions of them that concatenate instead.
+_SYMBOLIC_TRANSFORMS = {
+    StickBreakingTransform: SymbolicStickBreakingTransform, CorrCholeskyTransform: SymbolicCorrCholeskyTransform,
+}
+
+
 def support_transform(support: torch.distributions.constraints.Constraint) -> Transform:
-    """``biject_to(support)``, with :class:`SymbolicStickBreakingTransform` for a simplex: the map from unconstrained
-    coordinates that holds in a graph traced for any number of replications."""
+    """``biject_to(support)``, with :class:`SymbolicStickBreakingTransform` for a simplex and
+    :class:`SymbolicCorrCholeskyTransform` for Cholesky factors of correlation matrices: the maps from unconstrained
+    coordinates that hold in a graph traced for any number of replications."""
     transform = biject_to(support)
-    if type(transform) is StickBreakingTransform:
-        return SymbolicStickBreakingTransform(cache_size=transform._cache_size)
-    return transform
+    replacement = _SYMBOLIC_TRANSFORMS.get(type(transform))
+    return transform if replacement is None else replacement(cache_size=transform._cache_size)
 
 
 class ConstrainMessenger(Messenger):

@@ -44,6 +44,13 @@ def simplex_model(n, y=None):
         return pyro.sample("y", dist.Normal((weights * torch.arange(3.0)).sum(-1), 1.0), obs=y)
 
 
+def correlation_model(n, y=None):
+    """An LKJ site: torch's map onto correlation Cholesky factors pads, and fills the factor through a boolean mask."""
+    factor = pyro.sample("factor", dist.LKJCholesky(3, torch.tensor(2.0)))
+    with pyro.plate("data", n):
+        return pyro.sample("y", dist.Normal(factor[..., 2, :2].sum(-1) + factor[..., 1, 0], 1.0), obs=y)
+
+
 def branching_model(n, y=None):
     """Python control flow on a sampled value: no single graph can follow it."""
     mu = pyro.sample("mu", dist.Normal(torch.zeros(()), 2.0))
@@ -127,12 +134,14 @@ def test_a_model_the_trace_cannot_generalise_falls_back(monkeypatch):
     np.testing.assert_array_equal(result.p_values["mu"], reference.p_values["mu"])
 
 
-@pytest.mark.parametrize("guide", ["meanfield", "fullrank"])
-def test_a_simplex_site_trains_on_the_traced_step(guide):
-    """A Dirichlet site's stick-breaking map traces for every batch size, and takes the Pyro path's steps."""
+@pytest.mark.parametrize("model, guide", [
+    (simplex_model, "meanfield"), (simplex_model, "fullrank"), (correlation_model, "meanfield"),
+])
+def test_simplex_and_correlation_sites_train_on_the_traced_step(model, guide):
+    """Dirichlet and LKJ sites' maps trace for every batch size, and take the Pyro path's steps."""
     options = dict(observed="y", guide=guide, num_simulations=12, device="cpu", seed=4)
-    reference = vsbc(simplex_model, NUM_POINTS, engine="pyro", **options)
-    traced = vsbc(simplex_model, NUM_POINTS, engine="traced", **options)
+    reference = vsbc(model, NUM_POINTS, engine="pyro", **options)
+    traced = vsbc(model, NUM_POINTS, engine="traced", **options)
     assert (traced.engine, traced.engine_reason) == ("traced", "")
     assert_same_run(traced, reference, rtol=1e-9)
 

@@ -158,3 +158,24 @@ def test_simplex_map_is_torchs_stick_breaking():
     torch.testing.assert_close(y, reference(x), rtol=0, atol=0)
     torch.testing.assert_close(transform.log_abs_det_jacobian(x, y), reference.log_abs_det_jacobian(x, y))
     torch.testing.assert_close(transform.inv(y[1:]), x[1:])
+
+
+def test_correlation_cholesky_map_is_torchs():
+    """The concatenating, gathering map onto correlation Cholesky factors computes torch's values and Jacobian, and
+    lays a vector out below the diagonal as torch does."""
+    from torch.distributions.transforms import CorrCholeskyTransform
+    from torch.distributions.utils import vec_to_tril_matrix
+
+    from ppvi.constrain import SymbolicCorrCholeskyTransform, _strictly_lower_matrix, support_transform
+
+    for size in (2, 3, 5):
+        vector = torch.randn(4, size * (size - 1) // 2, dtype=torch.float64)
+        torch.testing.assert_close(_strictly_lower_matrix(vector), vec_to_tril_matrix(vector, diag=-1), rtol=0, atol=0)
+    transform = support_transform(dist.constraints.corr_cholesky)
+    assert isinstance(transform, SymbolicCorrCholeskyTransform)
+    reference = CorrCholeskyTransform()
+    x = 2.0 * torch.randn(3, 5, 6, dtype=torch.float64)  # 4 x 4 factors
+    y = transform(x)
+    torch.testing.assert_close(y, reference(x), rtol=0, atol=0)
+    torch.testing.assert_close(transform.log_abs_det_jacobian(x, y), reference.log_abs_det_jacobian(x, y))
+    torch.testing.assert_close(transform.inv(y), x)
