@@ -35,7 +35,7 @@ from pyro import poutine
 from torch.distributions import biject_to
 
 from ppvi import batched
-from ppvi.constrain import ConstrainMessenger
+from ppvi.constrain import ConstrainMessenger, SymbolicBatchMessenger
 from ppvi.engine import NotTraceableError
 from ppvi.guides import MeanFieldGuide
 from ppvi.initialization import batched_laplace_start
@@ -699,7 +699,7 @@ class _Replications:
         # step) must give that replication a non-finite log density, which is handled per replication, not an
         # exception that stops all M.
         with particles, replications, pyro.validation_enabled(False):
-            model = poutine.condition(messenger(self.problem.model), data=data)
+            model = poutine.condition(messenger(SymbolicBatchMessenger()(self.problem.model)), data=data)
             trace = poutine.trace(model).get_trace(*self.problem.args)
         return trace, messenger
 

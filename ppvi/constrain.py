@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable, Mapping
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
@@ -28,7 +29,9 @@ from torch.distributions.transforms import CorrCholeskyTransform, StickBreakingT
 
 __all__ = [
     "ConstrainMessenger",
+    "SymbolicBatchMessenger",
     "SymbolicCorrCholeskyTransform",
+    "SymbolicMultivariateNormal",
     "SymbolicStickBreakingTransform",
     "constrained_trace",
     "support_transform",
@@ -97,6 +100,54 @@ def support_transform(support: torch.distributions.constraints.Constraint) -> Tr
     transform = biject_to(support)
     replacement = _SYMBOLIC_TRANSFORMS.get(type(transform))
     return transform if replacement is None else replacement(cache_size=transform._cache_size)
+
+
+class SymbolicMultivariateNormal(dist.MultivariateNormal):
+    """Pyro's multivariate normal with its density written for a graph traced with a symbolic batch size.
+
+    torch's ``MultivariateNormal.log_prob`` reshapes the draws by a batch shape it computes in Python
+    (``_batch_mahalanobis``), which fails on symbolic sizes (torch 2.13: "SymIntArrayRef expected to contain only
+    concrete integers"), so a model with a multivariate normal likelihood could not calibrate on the traced step.
+    Here the Mahalanobis term is one broadcast triangular solve: written out
+    (:func:`ppvi.engine.small_triangular_solve`) up to :data:`ppvi.engine.SMALL_MATRIX_SIDE` coordinates,
+    ``torch.linalg.solve`` above.
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        from ppvi.engine import SMALL_MATRIX_SIDE, small_triangular_solve
+
+        if self._validate_args:
+            self._validate_sample(value)
+        difference = (value - self.loc).unsqueeze(-1)
+        scale_tril, size = self._unbroadcasted_scale_tril, self._event_shape[0]
+        if size <= SMALL_MATRIX_SIDE:
+            whitened = small_triangular_solve(scale_tril, difference, upper=False, unitriangular=False)
+        else:
+            whitened = torch.linalg.solve(scale_tril, difference)
+        half_log_det = scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        return -0.5 * (size * math.log(2 * math.pi) + whitened.squeeze(-1).pow(2).sum(-1)) - half_log_det
+
+
+def _symbolic_distribution(distribution: torch.distributions.Distribution) -> torch.distributions.Distribution:
+    """``distribution`` with each multivariate normal in it (also under ``to_event``) as a
+    :class:`SymbolicMultivariateNormal` of the same parameters; any other as it is."""
+    if type(distribution) in (dist.MultivariateNormal, torch.distributions.MultivariateNormal):
+        symbolic = object.__new__(SymbolicMultivariateNormal)
+        symbolic.__dict__.update(distribution.__dict__)  # the same loc, factor, shapes and cached properties
+        return symbolic
+    if isinstance(distribution, torch.distributions.Independent):
+        base = _symbolic_distribution(distribution.base_dist)
+        if base is not distribution.base_dist:
+            return type(distribution)(base, distribution.reinterpreted_batch_ndims, validate_args=False)
+    return distribution
+
+
+class SymbolicBatchMessenger(Messenger):
+    """Give every sample site of a model the densities that hold in a graph traced for any number of replications
+    (:class:`SymbolicMultivariateNormal`), as the batched calibration step traces it."""
+
+    def _pyro_sample(self, msg: dict) -> None:
+        msg["fn"] = _symbolic_distribution(msg["fn"])
 
 
 class ConstrainMessenger(Messenger):

@@ -51,6 +51,15 @@ def correlation_model(n, y=None):
         return pyro.sample("y", dist.Normal(factor[..., 2, :2].sum(-1) + factor[..., 1, 0], 1.0), obs=y)
 
 
+def covariance_model(n, y=None):
+    """LKJ correlations and scales, and a multivariate normal likelihood: torch's log_prob reshapes by a batch shape
+    computed in Python, which a symbolic batch size breaks (ppvi.constrain.SymbolicMultivariateNormal)."""
+    factor = pyro.sample("factor", dist.LKJCholesky(3, torch.tensor(2.0)))
+    scales = pyro.sample("scales", dist.HalfNormal(torch.ones(3)).to_event(1))
+    with pyro.plate("data", n):
+        return pyro.sample("y", dist.MultivariateNormal(torch.zeros(3), scale_tril=scales[..., None] * factor), obs=y)
+
+
 def branching_model(n, y=None):
     """Python control flow on a sampled value: no single graph can follow it."""
     mu = pyro.sample("mu", dist.Normal(torch.zeros(()), 2.0))
@@ -136,9 +145,11 @@ def test_a_model_the_trace_cannot_generalise_falls_back(monkeypatch):
 
 @pytest.mark.parametrize("model, guide", [
     (simplex_model, "meanfield"), (simplex_model, "fullrank"), (correlation_model, "meanfield"),
+    (covariance_model, "meanfield"),
 ])
-def test_simplex_and_correlation_sites_train_on_the_traced_step(model, guide):
-    """Dirichlet and LKJ sites' maps trace for every batch size, and take the Pyro path's steps."""
+def test_simplex_correlation_and_multivariate_normal_sites_train_on_the_traced_step(model, guide):
+    """Dirichlet and LKJ sites' maps and a multivariate normal's density trace for every batch size, and take the
+    Pyro path's steps."""
     options = dict(observed="y", guide=guide, num_simulations=12, device="cpu", seed=4)
     reference = vsbc(model, NUM_POINTS, engine="pyro", **options)
     traced = vsbc(model, NUM_POINTS, engine="traced", **options)

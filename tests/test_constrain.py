@@ -179,3 +179,25 @@ def test_correlation_cholesky_map_is_torchs():
     torch.testing.assert_close(y, reference(x), rtol=0, atol=0)
     torch.testing.assert_close(transform.log_abs_det_jacobian(x, y), reference.log_abs_det_jacobian(x, y))
     torch.testing.assert_close(transform.inv(y), x)
+
+
+@pytest.mark.parametrize("size", [3, 20])  # written-out solve up to 16 coordinates, torch.linalg.solve above
+def test_symbolic_multivariate_normal_density_is_torchs(size):
+    """The density written for a symbolic batch equals torch's MultivariateNormal.log_prob, with broadcast
+    parameters, also under to_event; other distributions pass through unchanged."""
+    from ppvi.constrain import SymbolicMultivariateNormal, _symbolic_distribution
+
+    generator = torch.Generator().manual_seed(5)
+    factor = torch.randn(4, 1, size, size, generator=generator, dtype=torch.float64).tril()
+    factor.diagonal(dim1=-2, dim2=-1).copy_(torch.rand(4, 1, size, generator=generator, dtype=torch.float64) + 0.5)
+    loc = torch.randn(6, size, generator=generator, dtype=torch.float64)
+    value = torch.randn(2, 4, 6, size, generator=generator, dtype=torch.float64)
+    reference = dist.MultivariateNormal(loc, scale_tril=factor)
+    symbolic = _symbolic_distribution(reference)
+    assert isinstance(symbolic, SymbolicMultivariateNormal) and symbolic.batch_shape == reference.batch_shape
+    torch.testing.assert_close(symbolic.log_prob(value), reference.log_prob(value), rtol=1e-12, atol=1e-10)
+    wrapped = _symbolic_distribution(reference.to_event(1))
+    assert isinstance(wrapped.base_dist, SymbolicMultivariateNormal)
+    torch.testing.assert_close(wrapped.log_prob(value), reference.to_event(1).log_prob(value), rtol=1e-12, atol=1e-10)
+    other = dist.Normal(0.0, 1.0)
+    assert _symbolic_distribution(other) is other
