@@ -251,22 +251,12 @@ def log_density_of(guide: GuideFamily, loc: torch.Tensor, scale: torch.Tensor, w
     normals (``"meanfield"``, sds ``scale``) or ``N(loc, scale scale^T)`` (``"fullrank"``, ``scale`` lower
     triangular).
 
-    The full-rank density does not call ``torch.linalg.solve_triangular`` (as
-    ``torch.distributions.MultivariateNormal`` does): in torch 2.13 it does not trace with a symbolic number of
-    replications (:class:`TracedBatchedStep`). Up to :data:`ppvi.engine.SMALL_MATRIX_SIDE` coordinates the
-    substitution is written out (:func:`ppvi.engine.small_triangular_solve`; it fuses with the rest of a compiled
-    step), above that ``torch.linalg.solve`` gives the same solution.
+    The full-rank density is :func:`ppvi.engine.multivariate_normal_log_density`, which traces with a symbolic
+    number of replications (:class:`TracedBatchedStep`), where ``torch.distributions.MultivariateNormal`` does not.
     """
     if guide == "meanfield":
         return torch.distributions.Normal(loc, scale, validate_args=False).log_prob(w).sum(-1)
-    dimension = w.shape[-1]
-    difference = (w - loc).permute(1, 2, 0)  # (A, D, S)
-    if dimension <= engines.SMALL_MATRIX_SIDE:
-        whitened = engines.small_triangular_solve(scale, difference, upper=False, unitriangular=False)
-    else:
-        whitened = torch.linalg.solve(scale, difference)
-    log_determinant = torch.diagonal(scale, dim1=-2, dim2=-1).abs().log().sum(-1)
-    return -0.5 * whitened.pow(2).sum(-2).T - log_determinant - 0.5 * dimension * math.log(2 * math.pi)
+    return engines.multivariate_normal_log_density(w - loc, scale)
 
 
 def own_draws_log_density(

@@ -27,6 +27,8 @@ from pyro.poutine.messenger import Messenger
 from torch.distributions import biject_to
 from torch.distributions.transforms import CorrCholeskyTransform, StickBreakingTransform, Transform
 
+from ppvi.engine import multivariate_normal_log_density
+
 __all__ = [
     "ConstrainMessenger",
     "SymbolicBatchMessenger",
@@ -108,24 +110,13 @@ class SymbolicMultivariateNormal(dist.MultivariateNormal):
     torch's ``MultivariateNormal.log_prob`` reshapes the draws by a batch shape it computes in Python
     (``_batch_mahalanobis``), which fails on symbolic sizes (torch 2.13: "SymIntArrayRef expected to contain only
     concrete integers"), so a model with a multivariate normal likelihood could not calibrate on the traced step.
-    Here the Mahalanobis term is one broadcast triangular solve: written out
-    (:func:`ppvi.engine.small_triangular_solve`) up to :data:`ppvi.engine.SMALL_MATRIX_SIDE` coordinates,
-    ``torch.linalg.solve`` above.
+    Here the density is :func:`ppvi.engine.multivariate_normal_log_density`: one broadcast triangular solve.
     """
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        from ppvi.engine import SMALL_MATRIX_SIDE, small_triangular_solve
-
         if self._validate_args:
             self._validate_sample(value)
-        difference = (value - self.loc).unsqueeze(-1)
-        scale_tril, size = self._unbroadcasted_scale_tril, self._event_shape[0]
-        if size <= SMALL_MATRIX_SIDE:
-            whitened = small_triangular_solve(scale_tril, difference, upper=False, unitriangular=False)
-        else:
-            whitened = torch.linalg.solve(scale_tril, difference)
-        half_log_det = scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        return -0.5 * (size * math.log(2 * math.pi) + whitened.squeeze(-1).pow(2).sum(-1)) - half_log_det
+        return multivariate_normal_log_density(value - self.loc, self._unbroadcasted_scale_tril)
 
 
 def _symbolic_distribution(distribution: torch.distributions.Distribution) -> torch.distributions.Distribution:

@@ -57,6 +57,7 @@ __all__ = [
     "small_matrix_product",
     "small_triangular_solve",
     "keep_replications",
+    "multivariate_normal_log_density",
     "trace_step",
     "tracing_failure",
 ]
@@ -616,6 +617,25 @@ def small_triangular_solve(
             rest = rest[..., 1:, :] - column.unsqueeze(-1) * row.unsqueeze(-2)
     solved = torch.stack(rows, dim=-2)
     return solved.flip(-2) if upper else solved
+
+
+def multivariate_normal_log_density(difference: torch.Tensor, scale_tril: torch.Tensor) -> torch.Tensor:
+    """``log N(difference; 0, L L^T)`` for differences ``(..., D)`` from the mean and lower-triangular factors ``L``
+    ``(..., D, D)`` that broadcast against them; ``log|det L|`` from the diagonal's absolute values.
+
+    One triangular solve, written out (:func:`small_triangular_solve`) up to :data:`SMALL_MATRIX_SIDE` coordinates
+    and ``torch.linalg.solve`` above: unlike ``torch.distributions.MultivariateNormal.log_prob``, whose reshapes
+    are computed in Python and whose ``solve_triangular`` fails on symbolic sizes (torch 2.13), it traces with a
+    symbolic batch size, as the batched calibration step needs.
+    """
+    size = difference.shape[-1]
+    column = difference.unsqueeze(-1)
+    if size <= SMALL_MATRIX_SIDE:
+        whitened = small_triangular_solve(scale_tril, column, upper=False, unitriangular=False)
+    else:
+        whitened = torch.linalg.solve(scale_tril, column)
+    log_determinant = torch.diagonal(scale_tril, dim1=-2, dim2=-1).abs().log().sum(-1)
+    return -0.5 * whitened.squeeze(-1).pow(2).sum(-1) - log_determinant - 0.5 * size * math.log(2 * math.pi)
 
 
 class _SmallLinearAlgebraInliner(torch.fx.Interpreter):
