@@ -311,7 +311,7 @@ def run_batch(
     rates: np.ndarray | None = None
     next_end, any_averaging = total, False  # the earliest end of a replication in the batch; whether one averages
 
-    step = last_check = position = 0
+    step = last_check = 0
     fixed_averaging_from = total - averaging_steps if fixed else None
     bar = _progress_bar(progress, total)
     started = time.perf_counter()
@@ -353,18 +353,16 @@ def run_batch(
             state, loss = stepper.update(state, rates)
             recorded.append(loss)
             step += 1
-            position += 1
             if any_averaging:
                 with torch.no_grad():
                     torch._foreach_add_(list(sums), [value.detach() for value in stepper.iterate(state)])
-            due = position == check_interval or step == next_end
+            due = len(recorded) == check_interval or step == next_end
             if not due and loss is not INVALID_LOSS:
                 continue
 
             # -- a check --------------------------------------------------------------------------------------------
             recent = _read_losses(recorded, len(active), device)
             losses[last_check:step, active] = recent
-            position = 0
             recorded = []
             if bar is not None:
                 bar.update(step - last_check)
