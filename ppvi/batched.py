@@ -280,10 +280,7 @@ def own_draws_log_density(
     value = -0.5 * noise.pow(2).sum(-1) - log_determinant - 0.5 * dimension * math.log(2 * math.pi)
     with torch.no_grad():
         transposed, right_side = scale.transpose(-1, -2), noise.permute(1, 2, 0)  # (A, D, D), (A, D, S)
-        if dimension <= engines.SMALL_MATRIX_SIDE:
-            direction = engines.small_triangular_solve(transposed, right_side, upper=True, unitriangular=False)
-        else:
-            direction = torch.linalg.solve(transposed, right_side)
+        direction = engines.symbolic_triangular_solve(transposed, right_side, upper=True)
         gradient = -direction.permute(2, 0, 1)  # (S, A, D): d log q / d w
     return value + ((w - w.detach()) * gradient).sum(-1)
 

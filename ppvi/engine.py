@@ -56,6 +56,7 @@ __all__ = [
     "bias_corrections",
     "small_matrix_product",
     "small_triangular_solve",
+    "symbolic_triangular_solve",
     "keep_replications",
     "multivariate_normal_log_density",
     "trace_step",
@@ -619,21 +620,26 @@ def small_triangular_solve(
     return solved.flip(-2) if upper else solved
 
 
+def symbolic_triangular_solve(matrix: torch.Tensor, right_side: torch.Tensor, upper: bool) -> torch.Tensor:
+    """``matrix^-1 right_side`` for triangular ``(..., n, n)`` matrices, in a form that traces with a symbolic batch
+    size: written out (:func:`small_triangular_solve`, which fuses with the rest of a compiled step) up to
+    :data:`SMALL_MATRIX_SIDE`, ``torch.linalg.solve`` above (``solve_triangular`` does not trace that way in torch
+    2.13)."""
+    if matrix.shape[-1] <= SMALL_MATRIX_SIDE:
+        return small_triangular_solve(matrix, right_side, upper=upper, unitriangular=False)
+    return torch.linalg.solve(matrix, right_side)
+
+
 def multivariate_normal_log_density(difference: torch.Tensor, scale_tril: torch.Tensor) -> torch.Tensor:
     """``log N(difference; 0, L L^T)`` for differences ``(..., D)`` from the mean and lower-triangular factors ``L``
     ``(..., D, D)`` that broadcast against them; ``log|det L|`` from the diagonal's absolute values.
 
-    One triangular solve, written out (:func:`small_triangular_solve`) up to :data:`SMALL_MATRIX_SIDE` coordinates
-    and ``torch.linalg.solve`` above: unlike ``torch.distributions.MultivariateNormal.log_prob``, whose reshapes
-    are computed in Python and whose ``solve_triangular`` fails on symbolic sizes (torch 2.13), it traces with a
-    symbolic batch size, as the batched calibration step needs.
+    One :func:`symbolic_triangular_solve`: unlike ``torch.distributions.MultivariateNormal.log_prob``, whose
+    reshapes are computed in Python and whose ``solve_triangular`` fails on symbolic sizes (torch 2.13), it traces
+    with a symbolic batch size, as the batched calibration step needs.
     """
     size = difference.shape[-1]
-    column = difference.unsqueeze(-1)
-    if size <= SMALL_MATRIX_SIDE:
-        whitened = small_triangular_solve(scale_tril, column, upper=False, unitriangular=False)
-    else:
-        whitened = torch.linalg.solve(scale_tril, column)
+    whitened = symbolic_triangular_solve(scale_tril, difference.unsqueeze(-1), upper=False)
     log_determinant = torch.diagonal(scale_tril, dim1=-2, dim2=-1).abs().log().sum(-1)
     return -0.5 * whitened.squeeze(-1).pow(2).sum(-1) - log_determinant - 0.5 * size * math.log(2 * math.pi)
 
