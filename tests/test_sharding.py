@@ -73,6 +73,27 @@ def test_replication_streams_do_not_depend_on_the_batch():
     assert not torch.equal(other_purpose, everything)
 
 
+
+def test_chunked_replication_streams_do_not_depend_on_the_batch():
+    """Several steps drawn per generator call, the batch shrinking from all 200 replications to three: a
+    consecutive batch (a view of the drawn chunk) and a scattered one (a gather) each get the values the full
+    batch got, in the streams' dtype and contiguous."""
+
+    def streams():
+        return ReplicationStreams(3, 0, "cpu", torch.float64, draws_per_call=3)
+
+    everything, consecutive, scattered = streams(), streams(), streams()
+    few = torch.tensor([5, 70, 199])
+    for step in range(5):
+        full = everything.normal((2,), torch.arange(200) if step < 2 else few, (3,))
+        kept = scattered.normal((2,), few, (3,))
+        assert kept.dtype == torch.float64 and kept.is_contiguous()
+        torch.testing.assert_close(kept, full[:, [5, 70, 199]] if step < 2 else full, rtol=0, atol=0)
+        if step < 2:
+            middle = consecutive.normal((2,), torch.arange(64, 128), (3,))
+            assert middle.is_contiguous()
+            torch.testing.assert_close(middle, full[:, 64:128], rtol=0, atol=0)
+
 def _same_replications(sharded, local, keys):
     np.testing.assert_array_equal(sharded.converged, local.converged)
     np.testing.assert_array_equal(sharded.steps, local.steps)
