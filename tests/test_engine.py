@@ -252,3 +252,12 @@ def test_small_linear_algebra_written_out_equals_the_library_calls():
     assert not any(node.target in library_targets for node in written_out.graph.nodes)
     for actual, expected in zip(written_out(*inputs), linear_algebra(*inputs), strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_vector_width_is_set_only_where_the_cpu_has_it():
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    widths = {isa.bit_width() for isa in valid_vec_isa_list()}
+    for bits in (128, 256, 512):
+        assert engine.vector_width_options(bits) == ({"cpp.simdlen": bits} if bits in widths else {})
+    assert engine.vector_width_options(384) == {}  # no instruction set is 384 bits wide
