@@ -48,7 +48,7 @@ from ppvi.initialization import BatchedLaplaceStart
 __all__ = [
     "RANDOM_BLOCK_SIZE", "ReplicationStreams", "BatchedState", "BatchedFit", "StepFunction", "TracedBatchedStep",
     "eager_step", "init", "keep", "log_density_of", "own_draws_log_density", "run", "step_arithmetic",
-    "training_draws_per_call", "update",
+    "training_draws_per_call", "unwhiten", "update",
 ]
 
 GuideFamily = Literal["meanfield", "fullrank"]
@@ -194,9 +194,12 @@ class BatchedState(NamedTuple):
         succeeded, :data:`RAW_ADAM_EPSILON` where it did not.
     data : tuple of torch.Tensor
         Each one's data, each ``(A, ...)``.
-    loc, scale : torch.Tensor
-        The current iterate, unwhitened: what the loop averages (``(A, D)`` and ``(A, D)`` sds or ``(A, D, D)``
-        Cholesky factors).
+    whitened_scale : torch.Tensor
+        The current scale in whitened coordinates (:func:`scale_of` of the parameters: ``(A, D)`` sds or
+        ``(A, D, D)`` Cholesky factors). With ``parameters[0]``, the whitened loc, it is what the loop averages:
+        the unwhitening ``loc -> center + factor loc``, ``scale -> factor scale`` is affine, so it is applied once,
+        to the averages, by :func:`run` (:func:`unwhiten`), not at every step (a batched matrix product of
+        ``D x D`` factors a step, the costliest of a full-rank step's five).
     """
 
     parameters: tuple[torch.Tensor, ...]
@@ -206,8 +209,7 @@ class BatchedState(NamedTuple):
     factor: torch.Tensor
     epsilon: torch.Tensor
     data: tuple[torch.Tensor, ...]
-    loc: torch.Tensor
-    scale: torch.Tensor
+    whitened_scale: torch.Tensor
 
 
 class BatchedFit(NamedTuple):
@@ -324,13 +326,20 @@ def init(
         start.succeeded, torch.tensor(PRECONDITIONED_ADAM_EPSILON, dtype=like.dtype, device=like.device),
         RAW_ADAM_EPSILON,
     )
-    whitened_scale = scale_of(guide, *parameters[1:])
-    scale = start.factor * whitened_scale if guide == "meanfield" else start.factor @ whitened_scale
     return BatchedState(
         parameters=tuple(parameters), adam=engines.adam_init(parameters), replications=replications,
         center=start.center, factor=start.factor, epsilon=epsilon, data=tuple(data),
-        loc=transform(guide, start.center, start.factor, parameters[0]), scale=scale,
+        whitened_scale=scale_of(guide, *parameters[1:]),
     )
+
+
+def unwhiten(
+    guide: GuideFamily, center: torch.Tensor, factor: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Gaussian's whitened ``loc`` and ``scale`` in unconstrained coordinates, ``z = center + factor w``:
+    ``(center + factor loc, factor scale)``, with ``factor`` and ``scale`` elementwise sds (``"meanfield"``) or
+    lower-triangular factors (``"fullrank"``)."""
+    return transform(guide, center, factor, loc), factor * scale if guide == "meanfield" else factor @ scale
 
 
 StepFunction = Callable[..., tuple[torch.Tensor, ...]]
@@ -368,8 +377,8 @@ def step_arithmetic(
     Returns
     -------
     tuple of torch.Tensor
-        The new parameters, first and second moments, the losses ``(A,)``, and the unwhitened loc and scale of the
-        new iterate (what Polyak averaging sums).
+        The new parameters, first and second moments, the losses ``(A,)``, and the new iterate's whitened scale
+        (what Polyak averaging sums, with the whitened loc, the first parameter).
     """
     k = parameter_count
     parameters, first, second = inputs[:k], inputs[k : 2 * k], inputs[2 * k : 3 * k]
@@ -390,10 +399,8 @@ def step_arithmetic(
             [leaf.detach() for leaf in leaves], [gradient.nan_to_num(0.0, 0.0, 0.0) for gradient in gradients],
             first, second, step_size, correction2_sqrt, epsilon,
         )
-        current_loc = transform(guide, center, factor, new_parameters[0])
         whitened_scale = scale_of(guide, *new_parameters[1:])
-        current_scale = factor * whitened_scale if guide == "meanfield" else factor @ whitened_scale
-    return (*new_parameters, *new_first, *new_second, per_replication.detach(), current_loc, current_scale)
+    return (*new_parameters, *new_first, *new_second, per_replication.detach(), whitened_scale)
 
 
 def parameter_count(guide: GuideFamily) -> int:
@@ -591,10 +598,10 @@ def update(
         state.center, state.factor, *state.data,
     )
     parameters, first, second = outputs[:k], outputs[k : 2 * k], outputs[2 * k : 3 * k]
-    losses, loc, scale = outputs[3 * k :]
+    losses, whitened_scale = outputs[3 * k :]
     new_state = state._replace(
         parameters=tuple(parameters), adam=engines.AdamState(state.adam.step + 1, tuple(first), tuple(second)),
-        loc=loc, scale=scale,
+        whitened_scale=whitened_scale,
     )
     return new_state, losses
 
@@ -605,7 +612,7 @@ def keep(state: BatchedState, rows: torch.Tensor) -> BatchedState:
         parameters=tuple(parameter[rows] for parameter in state.parameters),
         adam=engines.keep_replications(state.adam, rows), replications=state.replications[rows],
         center=state.center[rows], factor=state.factor[rows], epsilon=state.epsilon[rows],
-        data=tuple(value[rows] for value in state.data), loc=state.loc[rows], scale=state.scale[rows],
+        data=tuple(value[rows] for value in state.data), whitened_scale=state.whitened_scale[rows],
     )
 
 
@@ -665,13 +672,13 @@ def run(
             device_rates["device"] = torch.as_tensor(learning_rates, dtype=state.center.dtype).to(state.center.device)
         return update(state, step, device_rates["device"], streams, num_particles)
 
-    stepper = training.Stepper(update_at, lambda state: (state.loc, state.scale), keep)
+    stepper = training.Stepper(update_at, lambda state: (state.parameters[0], state.whitened_scale), keep)
     result = training.run_batch(
         stepper, init(start, guide, replication_index, data), M, learning_rate=learning_rate,
         steps=None if stopping else max_steps, rule=rule, check_interval=rule.window, progress=False,
     )
     if result.interrupted_step is not None:
         raise KeyboardInterrupt
-    loc, scale = result.iterates
+    loc, scale = unwhiten(guide, start.center, start.factor, *result.iterates)
     return BatchedFit(loc, scale, result.converged, result.steps, result.losses)
 

@@ -255,3 +255,29 @@ def test_own_draws_log_density_has_the_value_and_the_path_gradient_of_the_multiv
     (expected,) = torch.autograd.grad(reference.sum(), w)
     (gradient,) = torch.autograd.grad(value.sum(), w)
     torch.testing.assert_close(gradient, expected, rtol=1e-10, atol=1e-10)
+
+
+
+@pytest.mark.parametrize("guide", ["meanfield", "fullrank"])
+def test_unwhitening_the_average_is_the_average_unwhitened(guide):
+    # run() averages the whitened iterates and unwhitens once, which is exact because z = center + factor w is
+    # affine: the result must equal the average of the iterates unwhitened one by one, each written out per
+    # replication (center + factor @ loc, factor @ scale; elementwise for mean-field).
+    generator = torch.Generator().manual_seed(1)
+    A, D, T = 3, 4, 5
+    *_, center, factor, _ = step_inputs(guide, A, D=D)
+    locs = torch.randn(T, A, D, generator=generator, dtype=torch.float64)
+    raw = [torch.randn(T, A, D, generator=generator, dtype=torch.float64)]
+    if guide == "fullrank":
+        raw.append(torch.randn(T, A, D, D, generator=generator, dtype=torch.float64))
+    scales = torch.stack([batched.scale_of(guide, *(r[t] for r in raw)) for t in range(T)])
+    loc, scale = batched.unwhiten(guide, center, factor, locs.mean(0), scales.mean(0))
+    for m in range(A):
+        if guide == "meanfield":
+            expected_loc = torch.stack([center[m] + factor[m] * locs[t, m] for t in range(T)]).mean(0)
+            expected_scale = torch.stack([factor[m] * scales[t, m] for t in range(T)]).mean(0)
+        else:
+            expected_loc = torch.stack([center[m] + factor[m] @ locs[t, m] for t in range(T)]).mean(0)
+            expected_scale = torch.stack([factor[m] @ scales[t, m] for t in range(T)]).mean(0)
+        torch.testing.assert_close(loc[m], expected_loc, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(scale[m], expected_scale, rtol=1e-12, atol=1e-12)
