@@ -55,6 +55,10 @@ def init_to_median_or_feasible(site: dict | None = None):
     :func:`init_to_feasible_point`. The default initialisation of every ppvi guide."""
     if site is None:
         return init_to_median_or_feasible
+    if site["fn"].support.is_discrete:
+        # A data site run without its data (VSBC and SBC simulate it): no real space maps onto a discrete support,
+        # and Pyro's median refuses multivariate sites (a multinomial's counts); one draw from it is a value of it.
+        return site["fn"].sample()
     try:
         return init_to_median(site, fallback=init_to_feasible_point)
     except NotImplementedError:  # Pyro sends multivariate sites straight to its sampling init_to_feasible

@@ -203,6 +203,15 @@ def test_simplex_prior_starts_on_the_simplex(strategy):
     torch.testing.assert_close(value, torch.full((4,), 0.25), rtol=0, atol=1e-12)
 
 
+
+def test_a_discrete_data_site_run_without_data_gets_a_value_of_its_support():
+    # VSBC and SBC trace the model with its data site unobserved; a multinomial's counts have no bijection from the
+    # real space and no median in Pyro, which stopped a Dirichlet-multinomial model before its first simulation.
+    multinomial = dist.Multinomial(10, torch.tensor([0.1, 0.2, 0.3, 0.4])).expand([6])
+    value = init_to_median_or_feasible(site(multinomial))
+    assert value.shape == (6, 4) and bool(multinomial.support.check(value).all())
+    torch.testing.assert_close(value.sum(-1), torch.full((6,), 10.0), rtol=0, atol=0)
+
 def test_init_to_feasible_point_ignores_the_distribution_parameters():
     torch.testing.assert_close(init_to_feasible_point(site(dist.Normal(5.0, 0.1))), torch.tensor(0.0))
     torch.testing.assert_close(init_to_feasible_point(site(dist.LogNormal(3.0, 1.0))), torch.tensor(1.0))
