@@ -27,13 +27,15 @@ from pyro.poutine.messenger import Messenger
 from torch.distributions import biject_to
 from torch.distributions.transforms import CorrCholeskyTransform, StickBreakingTransform, Transform
 
-from ppvi.engine import multivariate_normal_log_density
+from ppvi.engine import multivariate_normal_log_density, symbolic_triangular_solve
 
 __all__ = [
     "ConstrainMessenger",
     "SymbolicBatchMessenger",
     "SymbolicCorrCholeskyTransform",
+    "SymbolicLowRankMultivariateNormal",
     "SymbolicMultivariateNormal",
+    "SymbolicMultivariateStudentT",
     "SymbolicStickBreakingTransform",
     "constrained_trace",
     "support_transform",
@@ -119,12 +121,63 @@ class SymbolicMultivariateNormal(dist.MultivariateNormal):
         return multivariate_normal_log_density(value - self.loc, self._unbroadcasted_scale_tril)
 
 
+class SymbolicLowRankMultivariateNormal(dist.LowRankMultivariateNormal):
+    """Pyro's low-rank multivariate normal, ``N(loc, W W^T + diag(d))``, with its density written for a graph traced
+    with a symbolic batch size (torch's reshapes by batch shapes computed in Python, as the full-rank one does; see
+    :class:`SymbolicMultivariateNormal`).
+
+    The same Woodbury identities as torch's (``log|Sigma| = log|C| + sum log d`` and the Mahalanobis term through the
+    capacitance ``C = I + W^T D^-1 W``, whose Cholesky factor torch computed when the distribution was built), with
+    one broadcast triangular solve of the rank's size.
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        difference = value - self.loc
+        factor, diagonal = self._unbroadcasted_cov_factor, self._unbroadcasted_cov_diag
+        projected = (factor * (difference / diagonal).unsqueeze(-1)).sum(-2)  # W^T D^-1 (x - loc)
+        capacitance = self._capacitance_tril
+        solved = symbolic_triangular_solve(capacitance, projected.unsqueeze(-1), upper=False).squeeze(-1)
+        mahalanobis = (difference.pow(2) / diagonal).sum(-1) - solved.pow(2).sum(-1)
+        log_determinant = 2 * torch.diagonal(capacitance, dim1=-2, dim2=-1).log().sum(-1) + diagonal.log().sum(-1)
+        return -0.5 * (difference.shape[-1] * math.log(2 * math.pi) + log_determinant + mahalanobis)
+
+
+class SymbolicMultivariateStudentT(dist.MultivariateStudentT):
+    """Pyro's multivariate Student t with its density written for a graph traced with a symbolic batch size: the
+    same formula as Pyro's, with its ``torch.linalg.solve_triangular`` (which does not trace with a symbolic batch
+    in torch 2.13) replaced by :func:`ppvi.engine.symbolic_triangular_solve`."""
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        size = self.loc.shape[-1]
+        whitened = symbolic_triangular_solve(self.scale_tril, (value - self.loc).unsqueeze(-1), upper=False)
+        normalizer = (
+            torch.diagonal(self.scale_tril, dim1=-2, dim2=-1).log().sum(-1) + 0.5 * size * self.df.log()
+            + 0.5 * size * math.log(math.pi) + torch.lgamma(0.5 * self.df) - torch.lgamma(0.5 * (self.df + size))
+        )
+        return -0.5 * (self.df + size) * torch.log1p(whitened.squeeze(-1).pow(2).sum(-1) / self.df) - normalizer
+
+
+#: The distributions whose torch or Pyro density does not trace with a symbolic batch size, and their replacements.
+_SYMBOLIC_REPLACEMENTS: dict[type, type] = {
+    dist.MultivariateNormal: SymbolicMultivariateNormal,
+    torch.distributions.MultivariateNormal: SymbolicMultivariateNormal,
+    dist.LowRankMultivariateNormal: SymbolicLowRankMultivariateNormal,
+    torch.distributions.LowRankMultivariateNormal: SymbolicLowRankMultivariateNormal,
+    dist.MultivariateStudentT: SymbolicMultivariateStudentT,
+}
+
+
 def _symbolic_distribution(distribution: torch.distributions.Distribution) -> torch.distributions.Distribution:
-    """``distribution`` with each multivariate normal in it (also under ``to_event``) as a
-    :class:`SymbolicMultivariateNormal` of the same parameters; any other as it is."""
-    if type(distribution) in (dist.MultivariateNormal, torch.distributions.MultivariateNormal):
-        symbolic = object.__new__(SymbolicMultivariateNormal)
-        symbolic.__dict__.update(distribution.__dict__)  # the same loc, factor, shapes and cached properties
+    """``distribution`` with each distribution of :data:`_SYMBOLIC_REPLACEMENTS` in it (also under ``to_event``) as
+    its replacement, with the same parameters; any other as it is."""
+    replacement = _SYMBOLIC_REPLACEMENTS.get(type(distribution))
+    if replacement is not None:
+        symbolic = object.__new__(replacement)
+        symbolic.__dict__.update(distribution.__dict__)  # the same parameters, shapes and cached properties
         return symbolic
     if isinstance(distribution, torch.distributions.Independent):
         base = _symbolic_distribution(distribution.base_dist)
@@ -135,7 +188,7 @@ def _symbolic_distribution(distribution: torch.distributions.Distribution) -> to
 
 class SymbolicBatchMessenger(Messenger):
     """Give every sample site of a model the densities that hold in a graph traced for any number of replications
-    (:class:`SymbolicMultivariateNormal`), as the batched calibration step traces it."""
+    (:data:`_SYMBOLIC_REPLACEMENTS`), as the batched calibration step traces it."""
 
     def _pyro_sample(self, msg: dict) -> None:
         msg["fn"] = _symbolic_distribution(msg["fn"])

@@ -143,9 +143,23 @@ def test_a_model_the_trace_cannot_generalise_falls_back(monkeypatch):
     np.testing.assert_array_equal(result.p_values["mu"], reference.p_values["mu"])
 
 
+def low_rank_model(n, y=None):
+    """A low-rank multivariate normal likelihood (ppvi.constrain.SymbolicLowRankMultivariateNormal)."""
+    loc = pyro.sample("loc", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    with pyro.plate("data", n):
+        return pyro.sample("y", dist.LowRankMultivariateNormal(loc, 0.5 * torch.ones(3, 1), torch.ones(3)), obs=y)
+
+
+def student_t_model(n, y=None):
+    """A multivariate Student t likelihood (ppvi.constrain.SymbolicMultivariateStudentT)."""
+    loc = pyro.sample("loc", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    with pyro.plate("data", n):
+        return pyro.sample("y", dist.MultivariateStudentT(torch.tensor(4.0), loc, torch.eye(2)), obs=y)
+
+
 @pytest.mark.parametrize("model, guide", [
     (simplex_model, "meanfield"), (simplex_model, "fullrank"), (correlation_model, "meanfield"),
-    (covariance_model, "meanfield"),
+    (covariance_model, "meanfield"), (low_rank_model, "fullrank"), (student_t_model, "meanfield"),
 ])
 def test_simplex_correlation_and_multivariate_normal_sites_train_on_the_traced_step(model, guide):
     """Dirichlet and LKJ sites' maps and a multivariate normal's density trace for every batch size, and take the

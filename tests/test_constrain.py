@@ -201,3 +201,42 @@ def test_symbolic_multivariate_normal_density_is_torchs(size):
     torch.testing.assert_close(wrapped.log_prob(value), reference.to_event(1).log_prob(value), rtol=1e-12, atol=1e-10)
     other = dist.Normal(0.0, 1.0)
     assert _symbolic_distribution(other) is other
+
+
+@pytest.mark.parametrize("size, rank", [(3, 2), (20, 18)])  # written-out solve up to 16 ranks, torch.linalg above
+def test_symbolic_low_rank_multivariate_normal_density_is_torchs(size, rank):
+    from ppvi.constrain import SymbolicLowRankMultivariateNormal, _symbolic_distribution
+
+    generator = torch.Generator().manual_seed(size)
+    cov_factor = torch.randn(4, 1, size, rank, generator=generator, dtype=torch.float64)
+    cov_diag = torch.rand(6, size, generator=generator, dtype=torch.float64) + 0.5
+    loc = torch.randn(6, size, generator=generator, dtype=torch.float64)
+    value = torch.randn(2, 4, 6, size, generator=generator, dtype=torch.float64)
+    reference = dist.LowRankMultivariateNormal(loc, cov_factor, cov_diag)
+    symbolic = _symbolic_distribution(reference)
+    assert isinstance(symbolic, SymbolicLowRankMultivariateNormal)
+    # Against the dense multivariate normal of the same covariance, not torch's own Woodbury code.
+    covariance = cov_factor @ cov_factor.transpose(-1, -2) + torch.diag_embed(cov_diag)
+    dense = torch.distributions.MultivariateNormal(loc, covariance_matrix=covariance)
+    torch.testing.assert_close(symbolic.log_prob(value), dense.log_prob(value), rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("size", [3, 20])
+def test_symbolic_multivariate_student_t_density_is_scipys(size):
+    from scipy.stats import multivariate_t
+
+    from ppvi.constrain import SymbolicMultivariateStudentT, _symbolic_distribution
+
+    generator = torch.Generator().manual_seed(size)
+    factor = torch.randn(3, size, size, generator=generator, dtype=torch.float64).tril()
+    factor.diagonal(dim1=-2, dim2=-1).copy_(torch.rand(3, size, generator=generator, dtype=torch.float64) + 0.5)
+    loc = torch.randn(3, size, generator=generator, dtype=torch.float64)
+    df = torch.tensor([3.0, 5.5, 30.0], dtype=torch.float64)
+    value = torch.randn(2, 3, size, generator=generator, dtype=torch.float64)
+    symbolic = _symbolic_distribution(dist.MultivariateStudentT(df, loc, factor))
+    assert isinstance(symbolic, SymbolicMultivariateStudentT)
+    density = symbolic.log_prob(value)
+    for m in range(3):
+        shape = (factor[m] @ factor[m].T).numpy()
+        expected = multivariate_t(loc[m].numpy(), shape, df=float(df[m])).logpdf(value[:, m].numpy())
+        np.testing.assert_allclose(density[:, m].numpy(), expected, rtol=1e-10)
