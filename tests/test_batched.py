@@ -161,9 +161,9 @@ def student_t_model(n, y=None):
     (simplex_model, "meanfield"), (simplex_model, "fullrank"), (correlation_model, "meanfield"),
     (covariance_model, "meanfield"), (low_rank_model, "fullrank"), (student_t_model, "meanfield"),
 ])
-def test_simplex_correlation_and_multivariate_normal_sites_train_on_the_traced_step(model, guide):
-    """Dirichlet and LKJ sites' maps and a multivariate normal's density trace for every batch size, and take the
-    Pyro path's steps."""
+def test_simplex_correlation_and_multivariate_sites_train_on_the_traced_step(model, guide):
+    """Dirichlet and LKJ sites' maps and the densities of multivariate normals (full and low rank) and a
+    multivariate Student t trace for every batch size, and take the Pyro path's steps."""
     options = dict(observed="y", guide=guide, num_simulations=12, device="cpu", seed=4)
     reference = vsbc(model, NUM_POINTS, engine="pyro", **options)
     traced = vsbc(model, NUM_POINTS, engine="traced", **options)
