@@ -475,8 +475,8 @@ class TracedBatchedStep:
         fake_log.setLevel(logging.CRITICAL)
         try:
             # Without the fake-tensor dispatch cache: its entries, keyed on symbolic shapes, are hardly ever hit
-            # again in one trace, and making them took half the trace (measured: the full-rank step of eight
-            # schools traced in 1.8-2.3 s without it, 2.6-4.3 s with it).
+            # again in one trace, and making them took about half of it (the full-rank step of eight schools,
+            # several runs: 1.2-1.7 s without it, 2.0-3.9 s with it).
             with warnings.catch_warnings(), mode, disable_fake_tensor_cache(mode):
                 # Symbolic tracing reasons about sizes with sympy; torch 2.13's own calls into it raise deprecation
                 # warnings that no user can act on.
