@@ -8,7 +8,8 @@ python3 -m venv .venv
 python -m pip install -q --upgrade pip
 # Install the CPU build of torch first so that the ">=2.1" requirement is already met and pip fetches no CUDA build.
 python -m pip install -q "torch==2.13.0" || python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-python -m pip install -q -e ".[test]"
+# constraints.txt pins every dependency to the versions CI tested, so a fresh machine installs what passed here.
+python -m pip install -q -c constraints.txt -e ".[test]"
 ruff check .
 set +e
 python -m pytest -m "${PPVI_TEST_MARKERS:-not slow}" "$@"
