@@ -60,6 +60,19 @@ DIVERGENCE_MINIMUM_NATS = 50.0
 #: only once it passes the bound: without an upper bound on log p(x), a tighter one would flag real gains.
 BREAKDOWN_FACTOR = 1e3
 BREAKDOWN_MINIMUM_NATS = 1e3
+#: A check interval is no candidate for the best interval (whose parameters a divergence or a breakdown restores)
+#: when its highest ELBO estimate rises above the interval's median by more than
+#: ``max(IMPLAUSIBLE_RISE_MINIMUM_NATS, IMPLAUSIBLE_RISE_SPREAD_MULTIPLE * IQR)``, the IQR being the interquartile
+#: range of its estimates. A healthy interval's estimates are a trend plus Monte Carlo noise whose upper tail is
+#: light (``log w`` is bounded above by ``log sup p(z | x) / q(z)``; a chi-square-like tail for a Gaussian guide on
+#: a heavier-tailed posterior puts its largest of 50 averaged estimates about 4 IQRs above the median), and a
+#: steady rise keeps the highest estimate within one interval's trend of the median. A lone estimate thousands of
+#: IQRs above the rest is the first sign of log densities losing their precision (an ELBO above log p(x), which no
+#: fit can reach), though not yet the thousandfold rise of :data:`BREAKDOWN_FACTOR`: the parameters at the end of
+#: such an interval are not the ones to come back to. A real jump late in an interval is only delayed by one
+#: interval (the next one is clean).
+IMPLAUSIBLE_RISE_SPREAD_MULTIPLE = 10.0
+IMPLAUSIBLE_RISE_MINIMUM_NATS = 50.0
 
 
 def advance_stages(stage: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,6 +93,27 @@ def advance_stages(stage: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     stage = np.asarray(stage, dtype=int)
     finished = stage + 1 >= len(STAGES)
     return np.where(finished, stage, stage + 1), finished
+
+
+def implausible_rise(losses: np.ndarray) -> np.ndarray:
+    """Whether each replication's check interval holds an ELBO estimate implausibly far above the rest (see
+    :data:`IMPLAUSIBLE_RISE_SPREAD_MULTIPLE`).
+
+    Parameters
+    ----------
+    losses : numpy.ndarray
+        ``(steps, A)`` losses (negative ELBO estimates) of one check interval, finite.
+
+    Returns
+    -------
+    numpy.ndarray of bool
+        ``(A,)``.
+    """
+    if len(losses) < 2:
+        return np.zeros(losses.shape[1:], dtype=bool)
+    lower, median, upper = np.quantile(losses, [0.25, 0.5, 0.75], axis=0)
+    allowance = np.maximum(IMPLAUSIBLE_RISE_MINIMUM_NATS, IMPLAUSIBLE_RISE_SPREAD_MULTIPLE * (upper - lower))
+    return median - losses.min(axis=0) > allowance
 
 
 def is_invalid_value_error(error: Exception) -> bool:
@@ -390,19 +424,19 @@ def run_batch(
                 allowance = BREAKDOWN_FACTOR * np.maximum(BREAKDOWN_MINIMUM_NATS, np.abs(start_median[active]))
                 impossible = (start_median[active] - recent > allowance) & finite
                 broken = np.flatnonzero(impossible.any(axis=0) & ~stopping)
-                has_best = np.isfinite(best_median[active[broken]])
-                for i, restorable in zip(broken, has_best, strict=True):
+                # The best interval's parameters come back, and the trace ends there: what follows it is no part of
+                # the fit returned. Before any clean interval, ``best`` still holds the start.
+                for i in broken:
                     m = active[i]
                     breakdown_step[m] = last_check + int(np.argmax(impossible[:, i]))
                     diverged_step[m] = step
                     events[m] = breakdown_message(
                         int(breakdown_step[m]), -float(recent[:, i].min()), -float(start_median[m]),
-                        int(best_step[m]) if restorable else last_check, learning_rate,
+                        int(best_step[m]), learning_rate,
                     )
-                if has_best.any():
-                    stop(broken[has_best], best, last_check)
-                if (~has_best).any():
-                    stop(broken[~has_best], checkpoint, last_check)
+                for restored_step in np.unique(best_step[active[broken]]):
+                    group = broken[best_step[active[broken]] == restored_step]
+                    stop(group, best, int(restored_step))
                 stopping[broken] = True
 
                 allowed = np.maximum(DIVERGENCE_MINIMUM_NATS, DIVERGENCE_NOISE_MULTIPLE * best_spread[active])
@@ -418,7 +452,10 @@ def run_batch(
                     stop(diverging, best, step)
                     stopping[diverging] = True
 
-                improved = np.flatnonzero((medians < best_median[active]) & ~stopping) if len(recent) > 1 else []
+                clean = ~implausible_rise(np.where(np.isfinite(recent), recent, 0.0))
+                improved = (
+                    np.flatnonzero((medians < best_median[active]) & clean & ~stopping) if len(recent) > 1 else []
+                )
                 if len(improved):
                     best_median[active[improved]] = medians[improved]
                     best_spread[active[improved]] = recent[:, improved].std(axis=0, ddof=1)
@@ -756,6 +793,7 @@ def breakdown_message(step: int, estimate: float, start: float, restored_step: i
         f"the ELBO diverged upward at step {step}: an estimate of {estimate:.4g} against a start of {start:.4g} is "
         f"more than {BREAKDOWN_FACTOR:g} times the start's magnitude above it, a rise no fit can make (an ELBO never "
         "exceeds log p(x)), so the log densities broke down numerically (for a full-rank guide, a Cholesky factor "
-        f"grown ill-conditioned in many dimensions); parameters restored to the best interval (step {restored_step}). "
-        f"Try a smaller learning_rate (now {learning_rate:g}), or guide='meanfield' or 'lowrank'"
+        "grown ill-conditioned in many dimensions); parameters restored to "
+        + (f"the best interval (step {restored_step}). " if restored_step else "the start (step 0). ")
+        + f"Try a smaller learning_rate (now {learning_rate:g}), or guide='meanfield' or 'lowrank'"
     )

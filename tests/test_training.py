@@ -317,6 +317,39 @@ def test_a_breakdown_in_the_first_interval_restores_the_start():
     torch.testing.assert_close(x.detach(), torch.tensor([2.0, -2.0]), rtol=0, atol=0)
 
 
+def test_an_interval_with_an_implausible_estimate_is_never_the_one_restored():
+    # Step 45's estimate is 1e5 nats above the rest (an ELBO above log p(x), but below the thousandfold breakdown
+    # bound of a start near 0): the parameters at the end of that interval are not sound. The breakdown at step 60
+    # then restores the start, not step 50, and the trace ends at the start.
+    x = torch.tensor([2.0, -2.0], requires_grad=True)
+    step = [0]
+
+    def loss() -> torch.Tensor:
+        value = (x**2).sum() + 0.01 * torch.randn(())
+        if step[0] == 45:
+            value = value - 1e5
+        if step[0] >= 60:
+            value = value - 1e12
+        step[0] += 1
+        return value
+
+    result = run(loss, [x], learning_rate=0.05, steps=200, check_interval=50, progress=False)
+    assert result.breakdown_step == 60 and result.steps == 0
+    assert "restored to the start (step 0)" in result.message
+    torch.testing.assert_close(x.detach(), torch.tensor([2.0, -2.0]), rtol=0, atol=0)
+
+
+def test_implausible_rise_flags_a_lone_outlier_but_not_a_trend_or_noise():
+    generator = np.random.default_rng(0)
+    noise = generator.normal(size=(50, 1))
+    trend = np.linspace(1e4, 500.0, 50)[:, None] + noise  # a steep but steady fall of the loss: real progress
+    outlier = noise.copy()
+    outlier[40] -= 1e3
+    heavy = generator.chisquare(8, size=(50, 1))  # the upper tail of an averaged log w, mirrored as a loss below
+    flags = training.implausible_rise(np.concatenate([noise, trend, outlier, -heavy], axis=1))
+    assert flags.tolist() == [False, False, True, False]
+
+
 def test_a_sudden_large_gain_from_a_start_near_zero_is_not_a_breakdown():
     # A plateau near 0 that the run leaves for a cliff 2e5 nats lower around step 100: an ELBO that jumps from 0 to
     # log p(x) = 2e5 within an interval, a fifth of the million nats that BREAKDOWN_MINIMUM_NATS leaves to a start of
