@@ -27,7 +27,7 @@ from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.autoguide import AutoGuide
 
 from ppvi import engine as engines
-from ppvi import objectives, tracing, training
+from ppvi import objectives, tracing, training, vectorize
 from ppvi.convergence import StoppingRule
 from ppvi.diagnostics.diagnosis import Diagnosis
 from ppvi.guides import AUTO, GUIDES, GuideSpec, PreconditionedGuide, resolve_guide
@@ -470,10 +470,17 @@ def _fit_one(
             else:
                 learning_rate = PRECONDITIONED_LEARNING_RATE if whitened else DEFAULT_LEARNING_RATE
 
+        vectorization = None
+        if isinstance(guide_object, PreconditionedGuide) and not enumerated and subsample_size is None:
+            vectorization = vectorize.choose_strategy(model, guide_object, args, kwargs, max_plate_nesting)
+            if vectorization.strategy == "sequential":
+                warnings.warn(
+                    objectives.vectorization_note(vectorization), FitWarning, stacklevel=_user_stack_level()
+                )
         loss_function, notes = objectives.build_loss(
             model, guide_object, args, kwargs, elbo=elbo, own_guide=spec is None, enumerated=enumerated,
             point_elbo_class=point_elbo_class, num_particles=num_particles, particles_defaulted=particles_defaulted,
-            max_plate_nesting=max_plate_nesting,
+            max_plate_nesting=max_plate_nesting, vectorization=vectorization,
         )
 
         def result(elbo_trace, steps_taken, converged, message, interrupted=False) -> Fit:
@@ -482,7 +489,7 @@ def _fit_one(
                 elbo=-np.asarray(elbo_trace, dtype=np.float64), steps=steps_taken,
                 seconds=time.perf_counter() - started, device=resolved_device, dtype=resolved_dtype,
                 converged=converged, laplace=laplace, message=message, max_plate_nesting=max_plate_nesting,
-                interrupted=interrupted, engine=engine_used,
+                interrupted=interrupted, engine=engine_used, vectorization=vectorization,
             )
 
         engine_used = "pyro"

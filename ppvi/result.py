@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import pandas as pd
 import pyro
 import torch
 from pyro import poutine
@@ -30,6 +29,10 @@ from ppvi.options import OptionTypeError, validate
 from ppvi.saving import save_fit
 from ppvi.summary import summarize
 from ppvi.tracing import ModelParameters, is_reported, seeded, structure_trace
+from ppvi.vectorize import Strategy, Vectorization, batched_log_density, choose_strategy
+
+if TYPE_CHECKING:  # pandas is imported by ppvi.summary.summarize, when a summary is made
+    import pandas as pd
 
 __all__ = [
     "FINAL_ELBO_FRACTION",
@@ -175,6 +178,7 @@ class Fit:
         history: list[GuideAttempt] | None = None,
         interrupted: bool = False,
         engine: str = "pyro",
+        vectorization: Vectorization | None = None,
     ):
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.guide_name, self.guide_options = guide_name, guide_options
@@ -185,6 +189,7 @@ class Fit:
         self.history = list(history or [])
         self.interrupted = interrupted
         self.engine = engine
+        self._vectorization = vectorization
         self._vectorizable = True
 
     @property
@@ -227,16 +232,41 @@ class Fit:
         return self.laplace.message
 
     # -- draws ---------------------------------------------------------------------------------------------------
+    @property
+    def vectorization(self) -> Vectorization | None:
+        """How the model is evaluated over a batch of draws (:mod:`ppvi.vectorize`): on Pyro's broadcast, batched
+        by ``torch.func.vmap``, or one draw at a time, and why; ``None`` for guides of your own, enumerated sites
+        and minibatches, whose draws run on the broadcast where the model allows it."""
+        if self._vectorization is None and self._checks_vectorization():
+            with computation(self.device, self.dtype), random_state_kept():
+                self._vectorization = choose_strategy(
+                    self.model, self.guide, self.args, self.kwargs, self.max_plate_nesting
+                )
+        return self._vectorization
+
+    def _checks_vectorization(self) -> bool:
+        return (
+            isinstance(self.guide, PreconditionedGuide) and "subsample_size" not in self.kwargs
+            and not self._enumerated()
+        )
+
     def _draw(self, num_samples: int, seed: int | None, weights: bool):
         """Draws of every reported site, and with ``weights`` their log importance ratios.
 
-        All draws in one vectorized pair of guide and model traces (a plate left of the model's own) when the
-        model broadcasts over it; otherwise, for models written for one draw at a time (``locs[z]`` rather than
-        ``Vindex(locs)[..., z]``), one pair of traces per draw.
+        For ppvi's registry guides, all draws in batched calls of the model as :attr:`vectorization` says. For
+        other guides, all draws in one vectorized pair of guide and model traces (a plate left of the model's own)
+        when the model broadcasts over it; otherwise, for models written for one draw at a time (``locs[z]``
+        rather than ``Vindex(locs)[..., z]``), one pair of traces per draw.
         """
         num_samples, seed = _check_draws(num_samples, seed)
         shapes = self.site_shapes()
-        with computation(self.device, self.dtype), torch.no_grad(), seeded(seed):
+        vectorization = self.vectorization
+        # The fit's thread rule: a batch of draws of a small model is still small work, which a second thread slows
+        # down tenfold when the cores are busy.
+        threads = threads_for(self.args, self.kwargs, self.device)
+        with computation(self.device, self.dtype, threads), torch.no_grad(), seeded(seed):
+            if vectorization is not None:
+                return self._batched_draws(num_samples, shapes, weights, vectorization.strategy)
             if self._vectorizable:
                 try:
                     return self._vectorized_draws(num_samples, shapes, weights)
@@ -266,6 +296,20 @@ class Fit:
             self.model, self.args, self.kwargs, pieces, num_draws, self.max_plate_nesting
         )
         return trace, log_q - messenger.log_abs_det_jacobian
+
+    def _batched_draws(self, num_samples: int, shapes: dict, weights: bool, strategy: Strategy):
+        """For ppvi's registry guides: ``z ~ q`` and the model's log density and reported values at every draw."""
+        posterior = self.guide.posterior()
+        latent = posterior.sample((num_samples,))
+        log_q = posterior.log_prob(latent)  # before any other draw: a flow reads its own draws from its cache
+        evaluate = batched_log_density(
+            self.model, self.guide, self.args, self.kwargs, self.max_plate_nesting, strategy, shapes
+        )
+        log_density, values = evaluate(latent)
+        draws = {name: values[name].detach().reshape(num_samples, *shape) for name, shape in shapes.items()}
+        if not weights:
+            return draws, None
+        return draws, log_density.double() - log_q.double()
 
     def _vectorized_draws(self, num_samples: int, shapes: dict, weights: bool):
         if isinstance(self.guide, PreconditionedGuide):
