@@ -98,7 +98,7 @@ def session(model, X, y) -> dict[str, float]:
 def cli_compare(folder: Path, name: str) -> float:
     command = [
         sys.executable, "-m", "ppvi", "compare", f"{folder / 'models.py'}:{name}", "--data", str(folder / "data.npz"),
-        "--guides", "meanfield", "fullrank", "--seed", "0",
+        "--guides", "meanfield", "fullrank", "--seed", "0", "--no-figure",
     ]
     started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True)

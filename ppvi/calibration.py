@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
-import pandas as pd
 import pyro
 import torch
 from pyro import poutine
@@ -47,6 +46,7 @@ from ppvi.tracing import seeded as _seeded
 from ppvi.tracing import structure_trace as _structure_trace
 
 if TYPE_CHECKING:
+    import pandas as pd
     from distributed import Client
 
 #: Significance level of the KS test behind the verdict: strict, because a VSBC table tests many components at
@@ -179,6 +179,7 @@ class VSBCResult(SimulationOutcome):
         The verdict is ``"symmetric"`` when the KS p-value is at least :attr:`alpha`, else ``"asymmetric (q too
         low)"`` when ``mean_p > 0.5`` (q's mass lies below the true values) or ``"asymmetric (q too high)"``.
         """
+        import pandas as pd
         from scipy.stats import ks_2samp
 
         rows = {}
@@ -288,6 +289,7 @@ class SBCResult(SimulationOutcome):
         """Per scalar component: the mean fractional rank ``rank / L`` (above 0.5: ``q`` sits too low), the share of
         ranks in the outer halves (above 0.5: ``q`` too narrow), a chi-square test of uniform ranks over ``bins``
         equal-width bins, whether the ECDF stays inside the simultaneous band, and a verdict."""
+        import pandas as pd
         from scipy.stats import chisquare
 
         L, M = self.num_draws, self.num_simulations
@@ -599,6 +601,8 @@ def _worker_name() -> str:
 
 def _gather(outcomes: list[dict], theta0, data, problem: _Problem, guide: str):
     """Concatenate the shards' outcomes (in replication order) into the result's fields."""
+    import pandas as pd  # here, not at the top: pandas costs a third of a second at start-up
+
     outcomes = sorted(outcomes, key=lambda outcome: outcome["first"])
 
     def joined(key):

@@ -11,8 +11,10 @@ how to fix it); 2 a usage error (the command line, the MODEL, the data file); 3 
 answer is no (a fit that did not converge or whose PSIS verdict is "bad", an asymmetric VSBC or non-uniform SBC
 component); 130 interrupted. Errors are one line on stderr; ``--debug`` prints the traceback before it.
 
-The argument parser is built without importing torch (``ppvi --help`` and usage errors are quick to print only as
-far as ``import ppvi`` allows); the API is imported when a command runs.
+The argument parser is built from the standard library alone, and ``import ppvi`` (which runs first, since this
+module is ``ppvi.cli``) imports nothing heavy, so ``ppvi --help`` and usage errors print without importing torch;
+the API (torch, Pyro, ArviZ, pandas, matplotlib) is imported inside the command handlers, when a command runs.
+Keep it so: import nothing beyond the standard library at the top of this module (tests/test_startup.py checks).
 """
 
 from __future__ import annotations

@@ -9,10 +9,9 @@ draws, exact moments), the errors in reference standard deviations show what the
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from ppvi.diagnostics.diagnosis import diagnose
@@ -21,6 +20,9 @@ from ppvi.guides import AUTO
 from ppvi.options import OptionTypeError, validate
 from ppvi.result import Fit
 from ppvi.summary import component_names, flatten_draws
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Reference = Mapping[str, np.ndarray | torch.Tensor | tuple]
 
@@ -118,6 +120,8 @@ def compare(
         ``reference_mean``, ``reference_sd``, ``mean_error`` and ``corrected_mean_error`` (absolute, in reference
         sds) and ``sd_ratio`` (``sd / reference_sd``).
     """
+    import pandas as pd  # here, not at the top: pandas costs a third of a second at start-up
+
     if isinstance(guides, (str, Fit)) or (callable(guides) and not isinstance(guides, Mapping)):
         guides = (guides,)  # one guide, not a sequence of one-letter names
     if not isinstance(guides, (Mapping, Sequence)):

@@ -24,12 +24,14 @@ import zipfile
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.error import URLError
 from urllib.request import urlopen
 
 import numpy as np
-import scipy.sparse
+
+if TYPE_CHECKING:  # imported where a corpus is read: scipy.sparse costs a tenth of a second at start-up
+    import scipy.sparse
 
 __all__ = [
     "MNIST_FILES",
@@ -509,6 +511,8 @@ def _parse_sparse_lines(lines: Iterable[str], n_words: int, one_based: bool, sou
     The numbers of all lines are converted in one numpy call (ten times faster than per-line Python on the
     20 Newsgroups files); on an error the offending line is located afterwards for the message.
     """
+    import scipy.sparse
+
     line_numbers, token_counts, tokens = [], [], []
     for line_number, line in enumerate(lines, start=1):
         fields = line.replace(":", " ").split()
@@ -604,6 +608,8 @@ def _vocabulary_words(text: str) -> list[str]:
 
 
 def _load_counts(path: Path, n_words: int) -> scipy.sparse.csr_matrix:
+    import scipy.sparse
+
     try:
         matrix = scipy.sparse.load_npz(path)
     except _CORRUPT_NPZ_ERRORS as error:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: The quantiles of a summary row: a central 90 % interval and the median.
 QUANTILES = (0.05, 0.5, 0.95)
@@ -32,6 +35,8 @@ def flatten_draws(draws: Mapping[str, torch.Tensor | np.ndarray]) -> dict[str, n
 
 def summarize(draws: Mapping[str, torch.Tensor | np.ndarray]) -> pd.DataFrame:
     """Mean, sd (ddof=1) and the 5 %, 50 % and 95 % quantiles of every scalar component of ``draws``."""
+    import pandas as pd  # here, not at the top: pandas costs a third of a second at start-up
+
     rows = {}
     for label, column in flatten_draws(draws).items():
         quantiles = np.quantile(column, QUANTILES)
