@@ -427,7 +427,7 @@ def _fit_one(
     if stopping_rule is not None and max_steps != 20_000:
         rule = dataclasses.replace(rule, max_steps=max_steps)
 
-    with computation(resolved_device, resolved_dtype, threads_for(args, kwargs, resolved_device)):
+    with computation(resolved_device, resolved_dtype, threads_for(args, kwargs, resolved_device, num_particles)):
         args, kwargs = prepare_arguments(model, args, kwargs, resolved_device, resolved_dtype)
         if seed is not None:
             pyro.set_rng_seed(seed)

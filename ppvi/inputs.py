@@ -47,15 +47,31 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return resolved
 
 
-#: Below this many elements in its largest data tensor a CPU fit runs on one thread: torch splits an op across
-#: threads only above a grain of 32,768 elements, so for smaller data the extra threads add only their
-#: synchronisation (measured: fake-Gaussian full-rank steps took 6.4 ms on one thread, 15.6 ms on two, on a
-#: 2-core machine with other work running).
-SINGLE_THREAD_BELOW = 65_536
+#: Below this many elements in one operation (the largest data tensor times the draws evaluated together) a CPU
+#: computation runs on one thread. torch splits an op across threads above a grain of 32,768 elements, and every
+#: split op ends in a barrier that waits for the slowest thread: on a machine whose cores are busy with other
+#: work, a thread the scheduler has set aside holds the barrier for its time slice (milliseconds), so a step of
+#: many small ops slows tenfold or more instead of in proportion to the load. Measured on the 2-core machine with
+#: other work running (load 5.5; ``ppvi.fit`` mean-field logistic regression, 8 draws, 8 predictors, Pyro path),
+#: one thread against two: 10 against 58 ms a step at 2,000 points, 23 against 122 at 20,000, 148 against 312 at
+#: 100,000 (800,000 elements an op). Four million elements (an op of milliseconds) is where a second thread's
+#: gain on a quiet machine is worth what a preempted one can cost.
+PARALLEL_MIN_ELEMENTS = 2**22
 
 
-def threads_for(args: tuple, kwargs: dict, device: torch.device) -> int | None:
-    """The thread count a fit should use (``None``: leave torch's setting alone)."""
+def threads_for(args: tuple, kwargs: dict, device: torch.device, batch: int = 1) -> int | None:
+    """The thread count a computation on the model's data should use (``None``: leave torch's setting alone).
+
+    Parameters
+    ----------
+    args, kwargs : tuple and dict
+        The model's arguments; their largest array sets the size of its ops.
+    device : torch.device
+        Only CPU computations are pinned to one thread.
+    batch : int
+        Draws evaluated together (particles of a step, draws of a summary, replications times particles of a
+        calibration), which multiply the size of every op on the data.
+    """
     if device.type != "cpu":
         return None
     arrays = [value for value in (*args, *kwargs.values()) if isinstance(value, (torch.Tensor, np.ndarray))]
@@ -66,7 +82,7 @@ def threads_for(args: tuple, kwargs: dict, device: torch.device) -> int | None:
         # A minibatch step computes on subsample_size of the N data points: that is the size torch's ops see.
         points = max((value.shape[0] for value in arrays if value.ndim > 0), default=1)
         largest = largest * min(1.0, subsample_size / max(points, 1))
-    return 1 if largest < SINGLE_THREAD_BELOW else None
+    return 1 if max(largest, 1) * max(int(batch), 1) < PARALLEL_MIN_ELEMENTS else None
 
 
 

@@ -29,7 +29,7 @@ from ppvi.options import OptionTypeError, validate
 from ppvi.saving import save_fit
 from ppvi.summary import summarize
 from ppvi.tracing import ModelParameters, is_reported, seeded, structure_trace
-from ppvi.vectorize import Strategy, Vectorization, batched_log_density, choose_strategy
+from ppvi.vectorize import DRAWS_PER_CALL, Strategy, Vectorization, batched_log_density, choose_strategy
 
 if TYPE_CHECKING:  # pandas is imported by ppvi.summary.summarize, when a summary is made
     import pandas as pd
@@ -231,6 +231,12 @@ class Fit:
             return None
         return self.laplace.message
 
+    def _computation(self, batch: int = 1):
+        """The fit's device and dtype as torch's defaults, and its thread rule (:func:`ppvi.inputs.threads_for`) for
+        ``batch`` draws evaluated together: a small model stays on one thread, which a busy machine slows only in
+        proportion to its load."""
+        return computation(self.device, self.dtype, threads_for(self.args, self.kwargs, self.device, batch))
+
     # -- draws ---------------------------------------------------------------------------------------------------
     @property
     def vectorization(self) -> Vectorization | None:
@@ -238,7 +244,7 @@ class Fit:
         by ``torch.func.vmap``, or one draw at a time, and why; ``None`` for guides of your own, enumerated sites
         and minibatches, whose draws run on the broadcast where the model allows it."""
         if self._vectorization is None and self._checks_vectorization():
-            with computation(self.device, self.dtype), random_state_kept():
+            with self._computation(), random_state_kept():
                 self._vectorization = choose_strategy(
                     self.model, self.guide, self.args, self.kwargs, self.max_plate_nesting
                 )
@@ -263,8 +269,7 @@ class Fit:
         vectorization = self.vectorization
         # The fit's thread rule: a batch of draws of a small model is still small work, which a second thread slows
         # down tenfold when the cores are busy.
-        threads = threads_for(self.args, self.kwargs, self.device)
-        with computation(self.device, self.dtype, threads), torch.no_grad(), seeded(seed):
+        with self._computation(min(num_samples, DRAWS_PER_CALL)), torch.no_grad(), seeded(seed):
             if vectorization is not None:
                 return self._batched_draws(num_samples, shapes, weights, vectorization.strategy)
             if self._vectorizable:
@@ -394,7 +399,7 @@ class Fit:
     def site_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of one draw of every latent (and deterministic) site, in model order."""
         if not hasattr(self, "_site_shapes"):
-            with computation(self.device, self.dtype), random_state_kept():
+            with self._computation(), random_state_kept():
                 reference = structure_trace(self.model, self.args, self.kwargs)
             self._site_shapes = {
                 name: tuple(site["value"].shape) for name, site in reference.nodes.items() if is_reported(site)
@@ -444,7 +449,7 @@ class Fit:
                 log_weights, missing = None, "the weighted draws and the posterior draws differ"
             draws = sampled
         posterior = {name: value.double().cpu().numpy()[None] for name, value in draws.items()}
-        with computation(self.device, self.dtype), random_state_kept():
+        with self._computation(), random_state_kept():
             reference = structure_trace(self.model, self.args, self.kwargs)
         observed = {
             name: site["value"].detach().cpu().numpy()
@@ -495,7 +500,7 @@ class Fit:
         return self._draw(num_samples, seed, weights=True)
 
     def _enumerated(self) -> bool:
-        with computation(self.device, self.dtype), random_state_kept():
+        with self._computation(), random_state_kept():
             structure = structure_trace(self.model, self.args, self.kwargs)
         return any(site["type"] == "sample" and site["infer"].get("enumerate") for site in structure.nodes.values())
 
@@ -516,8 +521,7 @@ class Fit:
         shapes = self.site_shapes()
         # The fit's thread rule: one batch of draws of a small model is still small work, which a second thread
         # slows down when the cores are busy.
-        threads = threads_for(self.args, self.kwargs, self.device)
-        with computation(self.device, self.dtype, threads), torch.no_grad(), seeded(seed):
+        with self._computation(min(num_samples, DRAWS_PER_CALL)), torch.no_grad(), seeded(seed):
             posterior = self.guide.posterior()
             latent = posterior.sample((num_samples,))
             log_joint = None

@@ -256,3 +256,41 @@ def test_tensors_that_require_grad_are_detached():
     assert not args[0].requires_grad and not kwargs["labels"].requires_grad
     args[0].sum()  # no graph back to y
     assert y.grad is None and torch.equal(args[0], y.detach())
+
+
+def test_small_computations_run_on_one_thread_and_large_ones_keep_torchs_setting():
+    from ppvi.inputs import PARALLEL_MIN_ELEMENTS, threads_for
+
+    cpu = torch.device("cpu")
+    small = torch.zeros(1000, 8)
+    assert threads_for((small,), {}, cpu) == 1
+    assert threads_for((small,), {}, cpu, batch=PARALLEL_MIN_ELEMENTS // 8000 + 1) is None  # the draws multiply
+    assert threads_for((torch.zeros(PARALLEL_MIN_ELEMENTS),), {}, cpu) is None
+    assert threads_for((small,), {}, torch.device("meta")) is None  # only the CPU is pinned
+
+
+def test_draws_of_a_small_model_run_on_one_thread_and_restore_the_users_setting():
+    import pyro
+    import pyro.distributions as dist
+
+    import ppvi
+
+    seen = []
+
+    def model(y):
+        seen.append(torch.get_num_threads())
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0))
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fit = ppvi.fit(model, torch.zeros(10, dtype=torch.float64), guide="meanfield", steps=20)
+        seen.clear()
+        fit.summary()
+        fit.diagnose()
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
