@@ -66,20 +66,41 @@ def test_auto_stops_at_meanfield_when_meanfield_is_trusted():
     assert fit.history[0].verdict == "good" and "stopped here" in fit.history[0].outcome
 
 
-def test_auto_escalates_past_meanfield_on_a_correlated_posterior():
-    # Mean-field cannot hold a correlation of 0.95 (its sds are sqrt(1 - 0.95^2) = 0.31 of the truth): k-hat says
-    # so and "auto" moves on to full rank, which is exact here.
+def test_auto_skips_meanfield_where_the_laplace_start_predicts_it_cannot_be_trusted():
+    # Mean-field cannot hold a correlation of 0.95 (its sds are sqrt(1 - 0.95^2) = 0.31 of the truth): the Laplace
+    # start predicts its k-hat, 1 - 0.05 = 0.95, and "auto" starts at full rank, which is exact here.
     fit = ppvi.fit(correlated, guide="auto")
     guides = [attempt.guide for attempt in fit.history]
     assert guides == ["meanfield", "fullrank"]
-    assert fit.history[0].verdict == "bad" and "moved on to 'fullrank'" in fit.history[0].outcome
+    assert fit.history[0].verdict == "skipped" and "started at 'fullrank'" in fit.history[0].outcome
+    assert fit.history[0].khat == pytest.approx(0.95, abs=1e-6)
     assert fit.guide_name == "fullrank" and fit.converged
     draws = fit.sample(20000, seed=1)["z"]
     assert np.corrcoef(draws.T.numpy())[0, 1] == pytest.approx(0.95, abs=0.01)
-    # The ELBO estimates are comparable across families: full rank's is the exact log Z = 0, mean-field's below.
-    assert fit.history[1].elbo == pytest.approx(0.0, abs=0.01)
-    assert fit.history[0].elbo < fit.history[1].elbo - 0.5
+    assert fit.history[1].elbo == pytest.approx(0.0, abs=0.01)  # the exact log Z = 0
     assert fit.seconds >= sum(attempt.seconds for attempt in fit.history) * 0.99
+    # The prediction is what PSIS measures on a mean-field fit.
+    meanfield = ppvi.fit(correlated, guide="meanfield").diagnose()
+    assert meanfield.verdict == "bad" and meanfield.elbo < fit.history[1].elbo - 0.5
+
+
+@pytest.mark.parametrize("rho", [0.3, 0.6, 0.8])
+def test_the_predicted_meanfield_khat_is_the_one_psis_measures(rho):
+    from ppvi.fit import predicted_mean_field_khat
+
+    precision = torch.linalg.inv(torch.tensor([[1.0, rho], [rho, 1.0]], dtype=torch.float64))
+    predicted = predicted_mean_field_khat(precision)
+    assert predicted == pytest.approx(abs(rho))
+    measured = ppvi.fit(correlated, rho, guide="meanfield").diagnose(num_samples=20000).khat
+    assert measured == pytest.approx(predicted, abs=0.15)
+
+
+def test_auto_escalates_past_meanfield_when_psis_says_so():
+    # A correlation of 0.6 predicts a mean-field k-hat of 0.6: mean-field is tried, and auto stops there only if
+    # PSIS trusts it; either way the attempt is a real fit, not a skip.
+    fit = ppvi.fit(moderately_correlated, guide="auto")
+    assert fit.history[0].guide == "meanfield" and fit.history[0].verdict != "skipped"
+    assert np.isfinite(fit.history[0].elbo)
 
 
 def test_auto_refuses_guide_options():
