@@ -18,7 +18,10 @@ into one ATen graph whose number of replications is a symbol, and replays it or 
 one graph for a batch that shrinks at every window, for every shard and every ``M``. NumPyro's answer to the same
 problem is ``jax.vmap`` over a jitted per-replication step; here the model is vectorised by Pyro's plates (a
 replication plate and a particle plate around the model), and the symbolic batch size does what ``vmap`` would
-add: the trace is of the batched step itself, so nothing is re-traced when the batch changes.
+add: the trace is of the batched step itself, so nothing is re-traced when the batch changes. A model that does
+not run in those plates (``a + X @ beta``) has its log density batched by :func:`torch.func.vmap` instead
+(:mod:`ppvi.calibration`), and the tracer follows vmap into the same kind of graph: vmap's batching rules are
+ATen operations on the batched tensors, the replication dimension among them still a symbol.
 
 Random numbers come from :class:`ReplicationStreams`: the noise of replication ``m`` at step ``t`` is a function
 of ``(seed, m, t)`` only, not of which other replications share its batch. A run over any subset of the

@@ -15,10 +15,18 @@ unconstrained latent vector (as :class:`ppvi.guides.MeanFieldGuide` / ``FullRank
 shape ``(M, D)`` (and ``(M, D, D)`` Cholesky factors for ``"fullrank"``), the model traced once per step inside a
 replication plate and a particle plate. Each replication's loss depends only on its own parameters, so the summed
 loss gives every replication its own gradient.
+
+A model written for one draw (``a + X @ beta``), or numpy-style with a batch dimension of its own
+(``a[..., None] + ...``, which a replication plate silently counts once per replication), does not run inside those
+plates. A probe (:meth:`_Problem.choose_vectorization`, as :func:`ppvi.vectorize.choose_strategy` for ``ppvi.fit``)
+compares the plates' simulation and log densities of a few replications with single unbatched runs; where they
+differ or fail, the simulation, the log density and the constrained draws run the model on one replication and one
+point, batched over replications and points by :func:`torch.func.vmap` (``result.vectorization`` says which).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import sys
@@ -33,17 +41,18 @@ import torch
 from pyro import poutine
 from torch.distributions import biject_to
 
-from ppvi import batched
+from ppvi import batched, vectorize
 from ppvi.constrain import ConstrainMessenger, SymbolicBatchMessenger
 from ppvi.engine import NotTraceableError
 from ppvi.guides import MeanFieldGuide
 from ppvi.initialization import batched_laplace_start
-from ppvi.inputs import computation, prepare_arguments, resolve_device, resolve_dtype
+from ppvi.inputs import computation, prepare_arguments, random_state_kept, resolve_device, resolve_dtype
 from ppvi.options import OptionTypeError, check_model, validate
 from ppvi.summary import component_names
 from ppvi.tracing import max_plate_nesting_of as _max_plate_nesting
 from ppvi.tracing import seeded as _seeded
 from ppvi.tracing import structure_trace as _structure_trace
+from ppvi.vectorize import Vectorization
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -76,6 +85,18 @@ CalibrationEngine = Literal["auto", "pyro", "traced", "compiled"]
 #: graph does not depend on M or on the simulated data, so that first compilation serves every later run; from
 #: M = 500 the saving repays it within a few runs, below that the Pyro step costs a few seconds at most.
 COMPILE_MIN_SIMULATIONS = 500
+#: Replications simulated by the probe that chooses how the model is batched (:meth:`_Problem.choose_vectorization`):
+#: as :data:`ppvi.vectorize.PROBE_DRAWS`, three, so that no dimension of size one or two in the model passes for
+#: theirs.
+PROBE_REPLICATIONS = vectorize.PROBE_DRAWS
+#: Points per replication at which the probe compares log densities: two, on either side of the prior median (a
+#: random offset and its negative), so that a model whose Python looks at all points at once (``bool((x > 0).all())``)
+#: sees points on both sides of a threshold near the median; and two is a size the probe's replications do not
+#: have, so that a model that mixes up points and replications shows it.
+PROBE_POINTS = 2
+#: Spread of the probe's points around the prior median, in unconstrained units: about a prior sd of a unit-scale
+#: parameter, near enough to the prior's bulk for finite densities.
+PROBE_SPREAD = 1.0
 
 
 def _by_component(values_by_site: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -129,6 +150,10 @@ class SimulationOutcome:
         :func:`vsbc`).
     engine_reason : str
         Why the Pyro path ran where ``engine="auto"`` asked for a traced one (empty otherwise).
+    vectorization : ppvi.vectorize.Vectorization
+        How the model ran over the replications and the points of each step: ``"broadcast"`` (inside a replication
+        plate and a particle plate) or ``"vmap"`` (one replication at one point, batched by :func:`torch.func.vmap`),
+        and why the plates were not used (see :meth:`_Problem.choose_vectorization`).
     """
 
     theta0: dict[str, np.ndarray]
@@ -141,6 +166,7 @@ class SimulationOutcome:
     shards: pd.DataFrame | None = field(default=None, repr=False)
     engine: str = "pyro"
     engine_reason: str = ""
+    vectorization: Vectorization = Vectorization("broadcast", "")
 
     @property
     def num_simulations(self) -> int:
@@ -360,7 +386,11 @@ def vsbc(
     Parameters
     ----------
     model : callable
-        A Pyro model, ``model(*args)``, that broadcasts over batch dimensions left of its own plates.
+        A Pyro model, ``model(*args)``: one that broadcasts over batch dimensions left of its own plates runs
+        inside a replication plate and a particle plate; one written for a single draw (``a + X @ beta``) or
+        numpy-style (``a[..., None] + ...``) runs on one replication at one point, batched by
+        :func:`torch.func.vmap`, with the same results. A probe chooses (``result.vectorization`` says which and
+        why); a model neither can batch (Python control flow on sampled values) is refused with a ValueError.
     *args
         The model's inputs other than the observed data (eight schools: ``sigma``).
     observed : str or sequence of str
@@ -531,7 +561,7 @@ def _simulate_and_fit(
         model=model, args=args, observed=observed, guide=guide, steps=steps, learning_rate=learning_rate,
         num_particles=num_particles, seed=seed, device=str(resolved_device), shift=shift, num_draws=num_draws,
         prototype_data={name: value[:1] for name, value in data.items()}, engine=engine,
-        engine_required=required,
+        engine_required=required, vectorization=problem.vectorization,
     )
     if cluster is None:
         outcomes = [task(0, data, theta0)]
@@ -559,6 +589,9 @@ class _ShardTask(NamedTuple):
     prototype_data: dict[str, torch.Tensor]
     engine: str = "traced"
     engine_required: bool = False
+    #: How the model runs over replications (the probe's choice in the process that simulated); ``None``: probe
+    #: again here.
+    vectorization: Vectorization | None = None
 
     def __call__(self, first: int, data: dict[str, torch.Tensor], theta0: dict[str, torch.Tensor]) -> dict:
         """Fit replications ``first .. first + len`` (global indices) and compute their p-values or ranks."""
@@ -568,7 +601,9 @@ class _ShardTask(NamedTuple):
         with computation(device, dtype), _seeded(self.seed):
             data = {name: value.to(device) for name, value in data.items()}
             theta0 = {name: value.to(device) for name, value in theta0.items()}
-            problem = _Problem(self.model, self.args, self.observed, self.prototype_data, self.seed)
+            problem = _Problem(
+                self.model, self.args, self.observed, self.prototype_data, self.seed, self.vectorization
+            )
             replications = _Replications(problem, data, theta0, first)
             fit, succeeded, engine, reason = replications.optimise(
                 self.guide, self.steps, self.learning_rate, self.num_particles, self.engine, self.engine_required
@@ -627,14 +662,26 @@ def _gather(outcomes: list[dict], theta0, data, problem: _Problem, guide: str):
         "engine": ", ".join(dict.fromkeys(outcome["engine"] for outcome in outcomes)),
         "engine_reason": "; ".join(dict.fromkeys(outcome["engine_reason"] for outcome in outcomes if
                                                  outcome["engine_reason"])),
+        "vectorization": problem.vectorization,
     }
     return fields, computed, loc, scale
 
 
 class _Problem:
-    """The model, its plates and its flat latent layout (a :class:`ppvi.guides.MeanFieldGuide` prototype)."""
+    """The model, its plates, its flat latent layout (a :class:`ppvi.guides.MeanFieldGuide` prototype) and how it
+    runs over a batch of replications (:attr:`vectorization`).
 
-    def __init__(self, model: Callable, args: tuple, observed: list[str], prototype_data=None, seed=None):
+    Parameters
+    ----------
+    vectorization : ppvi.vectorize.Vectorization, optional
+        How the model runs over replications, as :meth:`choose_vectorization` chose it (in the process that
+        simulated, for a shard); by default chosen on first use.
+    """
+
+    def __init__(
+        self, model: Callable, args: tuple, observed: list[str], prototype_data=None, seed=None,
+        vectorization: Vectorization | None = None,
+    ):
         self.model, self.args, self.observed, self.seed = model, args, observed, seed
         structure = _structure_trace(model, args, {})
         missing = [name for name in observed if name not in structure.nodes]
@@ -642,23 +689,156 @@ class _Problem:
             raise ValueError(f"observed site(s) {missing} not found in the model")
         self.max_plate_nesting = _max_plate_nesting(structure)
         self.observed_shapes = {name: tuple(structure.nodes[name]["value"].shape) for name in observed}
+        # One replication's data as a replication plate left of the model's plates lays it out: its batch
+        # dimensions padded with ones on the left to the model's plates (an observed site outside a plate of a
+        # model with one: (1, *event_shape)). Every replication's data is stored so, whichever way it was simulated.
+        self.data_shapes = {}
+        for name in observed:
+            shape = self.observed_shapes[name]
+            batch_dims = len(shape) - len(structure.nodes[name]["fn"].event_shape)
+            self.data_shapes[name] = (1,) * max(0, self.max_plate_nesting - batch_dims) + shape
+        self._vectorization = vectorization
+        # Whether vmap batches the simulation; None: not known yet (try it). torch's Dirichlet sampler (and the Beta
+        # and LKJ samplers built on it) is an autograd.Function that vmap cannot batch.
+        self._vmapped_simulation: bool | None = None
         if prototype_data is not None:
             self.build_prototype(prototype_data, seed)
 
+    @property
+    def vectorization(self) -> Vectorization:
+        """How the model runs over a batch of replications: given, or chosen by :meth:`choose_vectorization`."""
+        if self._vectorization is None:
+            self._vectorization = self.choose_vectorization()
+        return self._vectorization
+
     def simulate(self, M: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """``theta0`` and the observed sites of ``M`` prior predictive draws, one vectorised trace. Builds the
-        prototype on the first replication's data. Data have shape ``(M, 1, ..., 1, *site shape)``: the
-        replication dim, then the model's own plates."""
-        replications = pyro.plate("_ppvi_replications", M, dim=-(self.max_plate_nesting + 1))
-        with torch.no_grad(), poutine.block(), replications:
-            simulation = poutine.trace(_Uncondition(self.observed)(self.model)).get_trace(*self.args)
-        data = {name: simulation.nodes[name]["value"].detach() for name in self.observed}
+        """``theta0`` and the observed sites of ``M`` prior predictive draws, batched as :attr:`vectorization`
+        says. Builds the prototype on the first replication's data. Data have shape ``(M, *data_shapes[name])``:
+        the replication dim, then the site's shape with its batch padded to the model's plates."""
+        with torch.no_grad():
+            if self.vectorization.strategy == "broadcast":
+                simulation = self._broadcast_simulation(M)
+                values = {name: site["value"] for name, site in simulation.nodes.items() if site["type"] == "sample"}
+                data = {name: values[name].detach() for name in self.observed}
+            else:
+                values = self._simulate_each(M)
+                data = {name: values[name].detach().reshape(M, *self.data_shapes[name]) for name in self.observed}
         self.build_prototype({name: value[:1] for name, value in data.items()}, None)
-        theta0 = {
-            name: simulation.nodes[name]["value"].detach().reshape(M, *site["value"].shape)
-            for name, site in self.sites.items()
-        }
+        theta0 = {name: values[name].detach().reshape(M, *site["value"].shape) for name, site in self.sites.items()}
         return theta0, data
+
+    def _simulate_one(self) -> dict[str, torch.Tensor]:
+        """One prior predictive draw, unbatched: the value of every site the simulation samples."""
+        with poutine.block():
+            trace = poutine.trace(_Uncondition(self.observed)(self.model)).get_trace(*self.args)
+        return {
+            name: site["value"] for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"]
+        }
+
+    def _broadcast_simulation(self, M: int) -> poutine.Trace:
+        """``M`` prior predictive draws in one trace, inside a replication plate left of the model's plates."""
+        replications = pyro.plate("_ppvi_replications", M, dim=-(self.max_plate_nesting + 1))
+        with poutine.block(), replications:
+            return poutine.trace(_Uncondition(self.observed)(self.model)).get_trace(*self.args)
+
+    def _simulate_each(self, M: int) -> dict[str, torch.Tensor]:
+        """``M`` prior predictive draws of the unbatched model, ``{site: (M, *shape)}``: batched by
+        :func:`ppvi.vectorize.vmapped_random_runs` (the random stream of the plates' simulation), or, where vmap
+        cannot batch the model's samplers, one at a time (a simulation is one run of the model per replication;
+        the fits, thousands of steps each, stay batched)."""
+        like = torch.empty(())
+        if self._vmapped_simulation is not False:
+            try:
+                values = vectorize.vmapped_random_runs(self._simulate_one, M, like.device)
+            except Exception:  # noqa: BLE001 - any failure of vmap means: one replication at a time
+                if self._vmapped_simulation:
+                    raise  # it batched the probe's replications: an error of this simulation's own
+                self._vmapped_simulation = False
+            else:
+                self._vmapped_simulation = True
+                return values
+        runs = [self._simulate_one() for _ in range(M)]
+        return {name: torch.stack([run[name] for run in runs]) for name in runs[0]}
+
+    def choose_vectorization(self) -> Vectorization:
+        """How to run the model over a batch of replications, by a probe (the global random state is restored
+        afterwards, so that the simulation draws what it would have drawn without it).
+
+        The probe simulates :data:`PROBE_REPLICATIONS` replications with single unbatched runs of the model, and
+        compares their log densities at :data:`PROBE_POINTS` points each, evaluated one replication and one point
+        at a time (correct by construction), with those of the plates (``"broadcast"``): the plates must simulate
+        every replication without a site whose log-probability shape breaks the convention of a batch dimension
+        left of the model's plates (:func:`ppvi.vectorize.particle_shape_problems`) and give the same log
+        densities. If they do not, :func:`torch.func.vmap` over single runs must give them (``"vmap"``). A model
+        whose density is random (a draw of its own) cannot be compared by value; the plates then need only to run
+        without a shape problem.
+
+        Raises
+        ------
+        ValueError
+            When neither gives the single runs' log densities: calibration fits its replications in one batched
+            optimisation and does not offer them one at a time.
+        """
+        M = PROBE_REPLICATIONS
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with random_state_kept(), torch.random.fork_rng(devices=devices), torch.no_grad():
+            runs = [self._simulate_one() for _ in range(M)]
+            values = {name: torch.stack([run[name] for run in runs]) for name in runs[0]}
+            data = {name: values[name].reshape(M, *self.data_shapes[name]) for name in self.observed}
+            probe = copy.copy(self)  # its own prototype, on the probe's data; this problem's is built by simulate
+            probe.build_prototype({name: value[:1] for name, value in data.items()}, None)
+            replications = _Replications(probe, data, {name: values[name] for name in probe.sites})
+            offset = PROBE_SPREAD * torch.randn(M, probe.latent_dim)
+            points = probe.init_loc + torch.stack([offset, -offset])  # (PROBE_POINTS, M, D)
+
+            def one_at_a_time() -> torch.Tensor:
+                return torch.stack([
+                    torch.stack([
+                        replications.single_log_density(points[s, m], *(value[m] for value in data.values()))
+                        for m in range(M)
+                    ]) for s in range(PROBE_POINTS)
+                ])
+
+            reference = one_at_a_time()
+            deterministic = vectorize.log_densities_agree(one_at_a_time(), reference)
+            probe._vectorization = Vectorization("broadcast", "")
+            problems, failure = [], ""
+            try:
+                problems = vectorize.particle_shape_problems(
+                    self._broadcast_simulation(M), M, self.max_plate_nesting
+                )
+                total = replications.log_density(points, *data.values())
+            except (ValueError, RuntimeError, IndexError, TypeError) as error:
+                failure = f"it does not broadcast over a batch of replications ({vectorize.first_line(error)})"
+            else:
+                if not problems and (not deterministic or vectorize.log_densities_agree(total, reference)):
+                    return probe._vectorization
+            # The shape problems first: they say what is wrong where the error they lead to does not.
+            reason = (
+                f"in a plate of {M} replications, {'; '.join(problems)}" if problems
+                else failure or "its log densities over a batch of replications differ from those of single runs"
+            )
+            probe._vectorization = Vectorization("vmap", reason)
+            try:
+                total = replications.log_density(points, *data.values())
+            except Exception as error:  # noqa: BLE001 - any failure of vmap: the model cannot be batched
+                raise ValueError(
+                    _refusal(reason, f"torch.func.vmap cannot batch it ({vectorize.first_line(error)})")
+                ) from error
+            if deterministic and not vectorize.log_densities_agree(total, reference):
+                raise ValueError(_refusal(reason, "torch.func.vmap changes its log densities"))
+            try:
+                vectorize.vmapped_random_runs(self._simulate_one, M, points.device)
+            except Exception as error:  # noqa: BLE001 - the fits batch; the simulation runs one at a time
+                self._vmapped_simulation = False
+                reason += (
+                    f"; its prior predictive draws are simulated one replication at a time, as torch.func.vmap "
+                    f"cannot batch its samplers ({vectorize.first_line(error)})"
+                )
+            else:
+                self._vmapped_simulation = True
+            return Vectorization("vmap", reason)
 
     def build_prototype(self, first_data: dict[str, torch.Tensor], seed: int | None) -> None:
         """The flat latent layout and the prior-median start, from the model conditioned on ``first_data`` (the
@@ -670,6 +850,17 @@ class _Problem:
         self.latent_dim = self.prototype.latent_dim
         self.init_loc = self.prototype.preconditioner_loc.detach().clone()
         self.sites = {name: site for name, site in self.prototype.prototype_trace.iter_stochastic_nodes()}
+
+
+def _refusal(reason: str, vmap_problem: str) -> str:
+    """The error for a model neither the plates nor vmap can batch over replications: what is wrong, and the fix."""
+    return (
+        f"ppvi.vsbc and ppvi.sbc cannot batch this model over replications: {reason}, and {vmap_problem}. "
+        "Calibration fits all its replications in one batched optimisation; it does not fit them one at a time. "
+        "Replace Python control flow on sampled values (if x > 0:, float(x), x.item()) with torch.where, so that "
+        "torch.func.vmap can batch the model, or write the model to broadcast over batch dimensions left of its "
+        "plates (a + (X * beta).sum(-1) rather than a + X @ beta)."
+    )
 
 
 class _Replications:
@@ -691,6 +882,44 @@ class _Replications:
         batch = z.shape[:-1]
         shaped = z.reshape(*batch, *(1,) * self.max_plate_nesting, self.latent_dim)
         return {site["name"]: (site, value) for site, value in self.problem.prototype._unpack_latent(shaped)}
+
+    @property
+    def vmapped(self) -> bool:
+        """Whether the model runs on one replication at one point, batched by :func:`torch.func.vmap` (the
+        problem's :attr:`_Problem.vectorization`), rather than inside a replication plate and a particle plate."""
+        return self.problem.vectorization.strategy == "vmap"
+
+    def single_run(self, z: torch.Tensor, *values: torch.Tensor) -> tuple[poutine.Trace, ConstrainMessenger]:
+        """The model run unbatched on one point ``z`` ``(D,)`` of one replication, conditioned on its observed
+        ``values`` (each ``data_shapes[name]``, in the order of ``self.data``), each site constrained by the support
+        of this run (:mod:`ppvi.constrain`). Without argument validation, as :meth:`_constrained_run`, and so that
+        :func:`torch.func.vmap` can batch it."""
+        pieces = {site["name"]: value for site, value in self.problem.prototype._unpack_latent(z)}
+        messenger = ConstrainMessenger(pieces, ())
+        shapes = self.problem.observed_shapes
+        data = {name: value.reshape(shapes[name]) for name, value in zip(self.data, values, strict=True)}
+        with pyro.validation_enabled(False):
+            model = poutine.condition(messenger(SymbolicBatchMessenger()(self.problem.model)), data=data)
+            trace = poutine.trace(model).get_trace(*self.problem.args)
+        return trace, messenger
+
+    def single_log_density(self, z: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        """``log p(y, T(z)) + log|det J_T(z)|`` (0-dim) of one point ``z`` ``(D,)`` of one replication with observed
+        ``values``: :meth:`single_run`'s trace."""
+        trace, messenger = self.single_run(z, *values)
+        with pyro.validation_enabled(False):
+            total = trace.log_prob_sum()
+        return total + messenger.log_abs_det_jacobian
+
+    def _over_points_and_replications(self, function: Callable, z: torch.Tensor, values: tuple) -> object:
+        """``function(z[s, a], *(value[a] for value in values))`` for every point ``s`` and replication ``a`` of
+        ``z`` ``(S, A, D)``, by two nested :func:`torch.func.vmap`: over the replications (points and data), then
+        over the points (the data shared). Every tensor ``function`` returns gains the dimensions ``(S, A)``."""
+        count = len(values)
+        over_replications = torch.func.vmap(function, in_dims=(0,) * (1 + count), randomness="different")
+        over_points = torch.func.vmap(over_replications, in_dims=(0,) + (None,) * count, randomness="different")
+        with vectorize.without_fallback_warnings():
+            return over_points(z, *values)
 
     def _constrained_run(self, z: torch.Tensor, data: dict) -> tuple[poutine.Trace, ConstrainMessenger]:
         """The model run on ``z`` of shape ``(S, A, D)``, each site constrained by the support of its own run
@@ -714,8 +943,12 @@ class _Replications:
         like = next(iter(self.theta0.values()))
         supports = []
         for level in (-1.0, 1.0):
-            point = torch.full((1, self.M, self.latent_dim), level, dtype=like.dtype, device=like.device)
-            trace, _ = self._constrained_run(point, self.data)
+            if self.vmapped:  # the model runs on one replication: the first one's
+                point = torch.full((self.latent_dim,), level, dtype=like.dtype, device=like.device)
+                trace, _ = self.single_run(point, *(value[0] for value in self.data.values()))
+            else:
+                point = torch.full((1, self.M, self.latent_dim), level, dtype=like.dtype, device=like.device)
+                trace, _ = self._constrained_run(point, self.data)
             supports.append({name: str(trace.nodes[name]["fn"].support) for name in self.theta0})
         return frozenset(name for name in self.theta0 if supports[0][name] != supports[1][name])
 
@@ -723,7 +956,14 @@ class _Replications:
         """Constrained values of guide draws ``z`` ``(S, M, D)``: each site by its prototype's transform, or, for
         :attr:`dependent_sites`, by the support of its own run."""
         values = {name: biject_to(site["fn"].support)(value) for name, (site, value) in self._unpack(z).items()}
-        if self.dependent_sites:
+        if self.dependent_sites and self.vmapped:
+
+            def constrained(point: torch.Tensor, *data: torch.Tensor) -> dict[str, torch.Tensor]:
+                messenger = self.single_run(point, *data)[1]
+                return {name: messenger.values[name] for name in self.dependent_sites}
+
+            values.update(self._over_points_and_replications(constrained, z, tuple(self.data.values())))
+        elif self.dependent_sites:
             _, messenger = self._constrained_run(z, self.data)
             values.update({name: messenger.values[name] for name in self.dependent_sites})
         return values
@@ -731,7 +971,12 @@ class _Replications:
     def log_density(self, z: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
         """``log p(y_m, T(z)) + log|det J_T(z)|`` for ``z`` of shape ``(S, A, D)`` and the ``A`` replications'
         observed ``values`` (in the order of ``self.data``): shape ``(S, A)``. A pure function of its inputs,
-        which :class:`ppvi.batched.TracedBatchedStep` traces."""
+        which :class:`ppvi.batched.TracedBatchedStep` traces (through :func:`torch.func.vmap` too).
+
+        Inside a replication plate and a particle plate, or, for a model that does not run in them
+        (:attr:`vmapped`), :meth:`single_log_density` batched over points and replications by vmap."""
+        if self.vmapped:
+            return self._over_points_and_replications(self.single_log_density, z, values)
         batch = z.shape[:2]
         trace, messenger = self._constrained_run(z, dict(zip(self.data, values, strict=True)))
         with pyro.validation_enabled(False):  # a replication's non-finite density is handled, not warned about

@@ -17,16 +17,23 @@ The choice is checked, not assumed: :func:`choose_strategy` evaluates :data:`PRO
 (an unbatched run of the model, correct by construction) and accepts a batched strategy only if it returns the same
 log densities, and it reports every site whose log-probability shape breaks the particle convention
 (:func:`particle_shape_problems`). A model that over-counts is never trained on the broadcast.
+
+Calibration (:mod:`ppvi.calibration`) makes the same choice over simulated replications, and simulates them from
+the prior by :func:`vmapped_random_runs`: a model run written for one draw, batched by vmap, drawing the random
+stream a plate of replications would.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal, NamedTuple
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import pyro
 import torch
 from pyro import poutine
+from torch.overrides import TorchFunctionMode
 
 from ppvi.constrain import ConstrainMessenger, constrained_trace
 from ppvi.enumeration import per_draw_log_prob
@@ -41,9 +48,15 @@ __all__ = [
     "Vectorization",
     "batched_log_density",
     "choose_strategy",
+    "first_line",
+    "log_densities_agree",
     "particle_shape_problems",
     "single_draw_log_density",
+    "vmapped_random_runs",
+    "without_fallback_warnings",
 ]
+
+Result = TypeVar("Result")
 
 Strategy = Literal["broadcast", "vmap", "sequential"]
 
@@ -238,3 +251,88 @@ def choose_strategy(
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def first_line(error: BaseException) -> str:
+    """``"ErrorType: first line of its message"``: an error, short enough for a reason or a refusal."""
+    return _first_line(error)
+
+
+def log_densities_agree(batched: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether batched log densities equal one-at-a-time ones up to the round-off of summing the same terms in
+    another order (the test :func:`choose_strategy` applies), a NaN in both at the same place counting as equal."""
+    if batched.shape != reference.shape:
+        return False
+    both_nan = batched.isnan() & reference.isnan()
+    return _agrees(batched.masked_fill(both_nan, 0.0), reference.masked_fill(both_nan, 0.0))
+
+
+#: torch's in-place random fills. torch's and Pyro's samplers draw their noise with them on a tensor they have just
+#: made (``torch.empty(shape).normal_()``, ``rate.new(shape).exponential_()``), which inside
+#: :func:`torch.func.vmap` is unbatched, and vmap refuses to fill an unbatched tensor with different values per run.
+_IN_PLACE_RANDOM = frozenset({
+    torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.exponential_, torch.Tensor.cauchy_,
+    torch.Tensor.log_normal_, torch.Tensor.geometric_, torch.Tensor.bernoulli_, torch.Tensor.random_,
+})
+
+
+class _PerRunRandomness(TorchFunctionMode):
+    """Inside :func:`torch.func.vmap`, fill a fresh unbatched tensor in place with random values by filling a
+    batched copy instead (the unbatched tensor plus a batched zero, ``anchor``) and returning that copy.
+
+    torch's and Pyro's samplers use what the fill returns (``return torch.empty(shape).normal_()``), never the
+    tensor they filled, so they receive one independent draw per run. The batched copy holds the runs in its first
+    dimension, and vmap fills it as one tensor of ``(runs, *shape)`` values: the same random stream a sampler of
+    batch shape ``(runs, *shape)`` draws outside vmap.
+    """
+
+    def __init__(self, anchor: torch.Tensor):
+        super().__init__()
+        self.anchor = anchor
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else None
+        if (
+            func in _IN_PLACE_RANDOM and isinstance(target, torch.Tensor)
+            and not torch._C._functorch.is_batchedtensor(target)
+        ):
+            return func(target + self.anchor.to(target.dtype), *args[1:], **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def without_fallback_warnings() -> Iterator[None]:
+    """Silence torch's warning that :func:`torch.func.vmap` runs an operation without a batching rule one batch
+    element at a time (``aten::clamp_`` in torch's Gamma sampler): a note to torch's developers about torch's own
+    code, which no model can act on (and which a test suite that turns warnings into errors would take for a
+    failure of vmap)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="There is a performance drop because we have not yet implemented the batching rule",
+            category=UserWarning,
+        )
+        yield
+
+
+def vmapped_random_runs(function: Callable[[], Result], count: int, device: torch.device | str | None = None) -> Result:
+    """``count`` independent runs of ``function`` (no arguments: a model run forward from its prior), batched by
+    :func:`torch.func.vmap` with ``randomness="different"``; every tensor it returns gains a leading dimension of
+    ``count``.
+
+    The runs draw what a run under a plate of ``count`` left of the model's own plates would draw, from the same
+    random stream (torch's samplers draw a batch of ``(count, *shape)`` in one call either way), though the function
+    is written for one run. Distribution argument validation is off inside (it asks Python questions about values,
+    which vmap cannot answer). Raises whatever vmap raises on a function it cannot batch: Python control flow on a
+    sampled value, or a sampler written as an ``autograd.Function`` without vmap support (torch's Dirichlet, and the
+    Beta and LKJ distributions built on it).
+    """
+    index = torch.arange(count, device=device)
+
+    def run(position: torch.Tensor) -> Result:
+        with pyro.validation_enabled(False), _PerRunRandomness(position * 0):  # a batched zero
+            return function()
+
+    with without_fallback_warnings():
+        output: Any = torch.func.vmap(run, randomness="different")(index)
+    return output
