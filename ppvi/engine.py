@@ -17,12 +17,16 @@ with XLA. This module does the same with PyTorch's tracer:
    The traced step therefore consumes exactly the random numbers the Pyro step would: with the same seed both
    paths take the same steps, to floating-point tolerance (tested).
 3. The graph writes the new parameters and Adam's moments over the old ones (``copy_`` into its inputs) and returns
-   only the loss, so a step passes the same preallocated tensors every time and copies nothing back. It runs as it
-   is (``"traced"``: eager ATen calls, no Python model code) or compiled by TorchInductor (``"compiled"``), with
-   the products and triangular solves of small matrices written out so that they fuse with the rest, the C++
-   wrapper and memory planning; from its second call the compiled kernel's own entry point is called, past
-   TorchInductor's Python wrappers (:func:`_kernel_entry`): a compiled step then costs 15-45 microseconds on a small
-   model, most of it the kernel itself.
+   only the loss, so a step passes the same preallocated tensors every time and copies nothing back. Its constants
+   are folded and its repeated terms computed once (:func:`ppvi.native.simplify`). Then, ``"traced"`` (the
+   default): it runs as one C function written out from the graph (:mod:`ppvi.native`: built in a fraction of a
+   second with the system's C compiler and cached on disk; 10-60 microseconds a step on the benchmarks' small
+   models), or, where it cannot be written out, replays it op by op (each ATen kernel called directly, about a
+   millisecond a step). ``"compiled"``: TorchInductor compiles it, with the products and triangular solves of small
+   matrices written out so that they fuse with the rest, the C++ wrapper and memory planning; from its second call
+   the compiled kernel's own entry point is called, past TorchInductor's Python wrappers (:func:`_kernel_entry`).
+   A compiled step costs 15-45 microseconds, but its first compilation 20-40 s: ``ppvi.fit``'s ``"auto"`` compiles
+   only where a fixed number of steps pays that back (:meth:`TracedStep.plan`).
 
 A loss that cannot be traced this way (control flow on tensor values, random operations other than the guide's
 normal draws, such as subsampling indices, parameters outside the guide) raises :class:`NotTraceableError`, and
@@ -34,8 +38,11 @@ calibration engine (:mod:`ppvi.calibration`, learning rates and epsilons per rep
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
+import statistics
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
@@ -43,6 +50,8 @@ from typing import Literal, NamedTuple
 import pyro
 import torch
 from torch import nn
+
+from ppvi import native
 
 __all__ = [
     "ENGINES",
@@ -65,14 +74,28 @@ __all__ = [
 
 Engine = Literal["auto", "pyro", "traced", "compiled"]
 #: The training paths ``ppvi.fit`` knows: ``"pyro"`` (Pyro's tracing at every step), ``"traced"`` (one traced
-#: graph replayed), ``"compiled"`` (that graph compiled by TorchInductor) and ``"auto"`` (traced when the loss
-#: traces, else Pyro).
+#: graph, run as a C kernel or replayed), ``"compiled"`` (that graph compiled by TorchInductor) and ``"auto"``
+#: (traced when the loss traces, else Pyro; compiled where the steps pay the compilation back).
 ENGINES = ("auto", "pyro", "traced", "compiled")
 
 #: Adam's published moment decay rates (Kingma & Ba 2015), torch.optim.Adam's defaults.
 ADAM_BETAS = (0.9, 0.999)
 #: What torch.nn.utils.clip_grad_norm_ adds to the norm before dividing by it, kept so both paths clip alike.
 CLIP_NORM_EPSILON = 1e-6
+#: Seconds TorchInductor takes to compile a one-fit step with an empty cache, as :meth:`TracedStep.plan` counts
+#: it. Measured on the 2-core development machine (``benchmarks/step_cost.py --cold``): 16-30 s for the first
+#: step compiled in a process (half of it test builds of the CPU's vector instruction sets, then TorchInductor's
+#: lowering and C++ builds against PyTorch's headers), 6-10 s for the next ones; 20-38 s in issue 12's runs. A
+#: warm on-disk cache cuts it to 1-3 s, but whether it is warm is only known by compiling: the plan counts a cold
+#: compilation, which a first fit on a fresh machine pays.
+INDUCTOR_COMPILE_SECONDS = 25.0
+#: Seconds a compiled step's call takes, as :meth:`TracedStep.plan` counts it: 29-37 us a whole step measured on
+#: the same machine for the fake Gaussian and kidiq (the kernel called past TorchInductor's wrappers,
+#: :func:`_kernel_entry`), of which the loop, the noise and Adam's bias corrections take 5-10.
+INDUCTOR_CALL_SECONDS = 25e-6
+#: Calls of the step timed (on copies of its inputs) when :meth:`TracedStep.plan` estimates its cost; the first,
+#: which warms caches, is not counted.
+PLAN_TIMING_CALLS = 12
 
 
 class NotTraceableError(RuntimeError):
@@ -247,6 +270,61 @@ def _clip(gradients: Sequence[torch.Tensor], max_norm: float) -> list[torch.Tens
     return [g * factor for g in gradients]
 
 
+def _replay_function(graph: torch.fx.GraphModule) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``graph``'s operations as one Python function that calls each ATen kernel directly.
+
+    The code FX generates for a graph calls every operation as ``torch.ops.aten.<name>.<overload>(...)``: four
+    attribute lookups and :class:`torch._ops.OpOverload`'s Python ``__call__`` around the kernel, about 1.5 us of
+    a 3-5 us operation on a small tensor. Here each operation's kernel (``OpOverload._op``) is bound once, as a
+    global of the generated function, and each intermediate is released after its last use, as FX does.
+    """
+    nodes = list(graph.graph.nodes)
+    last_use = {}
+    for position, node in enumerate(nodes):
+        for used in node.all_input_nodes:
+            last_use[used] = position
+    names: dict[torch.fx.Node, str] = {}
+    bound: dict[str, object] = {}
+    parameters: list[str] = []
+    lines: list[str] = []
+
+    def expression(value: object) -> str:
+        if isinstance(value, torch.fx.Node):
+            return names[value]
+        if isinstance(value, (list, tuple)):
+            items = ", ".join(expression(item) for item in value)
+            return f"[{items}]" if isinstance(value, list) else f"({items},)"
+        name = f"constant_{len(bound)}"
+        bound[name] = value
+        return name
+
+    for position, node in enumerate(nodes):
+        if node.op == "placeholder":
+            names[node] = f"input_{len(parameters)}"
+            parameters.append(names[node])
+        elif node.op == "get_attr":
+            names[node] = expression(getattr(graph, node.target))
+        elif node.op == "output":
+            lines.append(f"return {expression(node.args[0])}")
+        elif node.op == "call_function":
+            target = node.target._op if isinstance(node.target, torch._ops.OpOverload) else node.target
+            function = f"operation_{position}"
+            bound[function] = target
+            arguments = [expression(a) for a in node.args] + [f"{k}={expression(v)}" for k, v in node.kwargs.items()]
+            names[node] = f"value_{position}"
+            lines.append(f"{names[node]} = {function}({', '.join(arguments)})")
+            released = [names[used] for used in node.all_input_nodes
+                        if last_use.get(used) == position and used.op == "call_function"]
+            if released:
+                lines.append(" = ".join(released) + " = None")
+        else:
+            raise NotTraceableError(f"a graph node of kind {node.op}")
+    source = f"def replay({', '.join(parameters)}):\n" + "\n".join(f"    {line}" for line in lines) + "\n"
+    namespace = dict(bound)
+    exec(compile(source, "<ppvi traced step>", "exec"), namespace)  # noqa: S102 - code generated above
+    return namespace["replay"]
+
+
 class TracedStep:
     """One training step (loss, gradient, Adam) as a traced graph, applied in place to the trained parameters.
 
@@ -255,6 +333,11 @@ class TracedStep:
     parameters stay valid and nothing is copied back in Python. Everything a call passes to the graph is allocated
     once, here: the per-call cost is the graph's own and a few host-side assignments.
 
+    A traced (not compiled) step runs as one C function where :mod:`ppvi.native` can write the graph out (built in
+    a fraction of a second and cached on disk; 10-60 us a step on the problems of ``benchmarks/step_cost.py``),
+    else it replays the graph operation by operation (about a millisecond). :meth:`plan` decides whether
+    TorchInductor's compilation would pay back over the run.
+
     Attributes
     ----------
     parameters : tuple of torch.Tensor
@@ -262,7 +345,15 @@ class TracedStep:
     state : AdamState
         Adam's moments after the steps taken (tensors updated in place by each later step).
     engine : {"traced", "compiled"}
-        Whether the graph is replayed or compiled.
+        Whether the graph is run as traced (C kernel or replay) or compiled by TorchInductor.
+    executor : {"C kernel", "ATen replay", "TorchInductor"}
+        What runs the steps.
+    native_reason : str
+        Why a traced step is replayed rather than run as C ("" where it is not).
+    build_seconds : float
+        Time spent building the C kernel (generation, compilation or the cache, the check).
+    note : str
+        What :meth:`plan` found and decided, for the fit's message.
     """
 
     def __init__(
@@ -272,12 +363,16 @@ class TracedStep:
         draws: list[_RandomInput],
         epsilon: float,
         engine: Literal["traced", "compiled"],
+        graph: torch.fx.GraphModule | None = None,
+        native_kernel: bool = True,
+        may_compile: bool = False,
     ):
         self._function = function
         self.parameters = parameters
         self._draws = draws
         self._epsilon = epsilon
         self.engine = engine
+        self._graph = graph if graph is not None else (function if isinstance(function, torch.fx.GraphModule) else None)
         self._step = 0
         initial = adam_init(parameters)
         self._first_moment, self._second_moment = initial.first_moment, initial.second_moment
@@ -303,14 +398,61 @@ class TracedStep:
         self._entry: Callable[[list], list] | None = None
         self._arguments: tuple[torch.Tensor, ...] = ()
         self._looked_for_entry = engine != "compiled"
+        #: How the steps run: "C kernel" (the graph written out as C, :mod:`ppvi.native`), "ATen replay" (the graph's
+        #: operations called one by one) or "TorchInductor".
+        self.executor = "TorchInductor" if engine == "compiled" else "ATen replay"
+        #: Why the graph is replayed rather than written out as C ("" where it is not).
+        self.native_reason = ""
+        #: Seconds spent building the executor (generating, compiling and checking the C kernel).
+        self.build_seconds = 0.0
+        #: What :meth:`plan` decided, for the fit's message ("" before it is called).
+        self.note = ""
+        self._kernel: native.NativeKernel | None = None
+        self._replay: Callable | None = None
+        self._may_compile = may_compile and engine == "traced" and self._graph is not None
+        if engine == "traced" and self._graph is not None:
+            if native_kernel:
+                self._build_kernel()
+            else:
+                self.native_reason = "the C kernel was not asked for"
+            if self._kernel is None:
+                self._replay = _replay_function(self._graph)
+
+    def _example(self) -> list[torch.Tensor]:
+        """Values of the step's inputs to check a kernel on: the parameters as they are, Adam's moments at zero,
+        the first step's scalars at a learning rate of 0.01, standard normals from a private generator."""
+        count = len(self.parameters)
+        generator = torch.Generator().manual_seed(0)
+        example = [tensor.detach().clone() for tensor in self._inputs]
+        for moment in example[count : 3 * count]:
+            moment.zero_()
+        correction1, correction2_sqrt = bias_corrections(1)
+        example[3 * count].copy_(torch.tensor([0.01 / correction1, correction2_sqrt], dtype=torch.float64))
+        for noise in example[3 * count + 1 :]:
+            noise.copy_(torch.randn(noise.shape, generator=generator, dtype=torch.float64))
+        return example
+
+    def _build_kernel(self) -> None:
+        """Write the graph out as C (:func:`ppvi.native.build`); where it cannot be, keep replaying it."""
+        started = time.perf_counter()
+        try:
+            self._kernel = native.build(self._graph, self._inputs, self._example())
+        except native.Unsupported as error:
+            self.native_reason = str(error)
+        except Exception as error:  # a failure of the generator itself must not cost the fit: replay instead
+            self.native_reason = f"the C kernel could not be built ({type(error).__name__}: {error})"
+        else:
+            self.executor = "C kernel"
+        self.build_seconds = time.perf_counter() - started
 
     @property
     def state(self) -> AdamState:
         """Adam's state after the steps taken (its moment tensors are the ones later steps update in place)."""
         return AdamState(self._step, self._first_moment, self._second_moment)
 
-    def __call__(self, learning_rate: float) -> torch.Tensor:
-        """Take one step at ``learning_rate``; returns the loss before the step (detached)."""
+    def __call__(self, learning_rate: float) -> torch.Tensor | float:
+        """Take one step at ``learning_rate``; returns the loss before the step (detached): a float from the C kernel
+        (no tensor to build), a 0-dimensional tensor otherwise."""
         self._step += 1
         correction1, correction2_sqrt = bias_corrections(self._step)
         if self._scalar_view is not None:
@@ -320,6 +462,8 @@ class TracedStep:
             self._scalars.copy_(torch.tensor([learning_rate / correction1, correction2_sqrt], dtype=torch.float64))
         for buffer in self._noise:
             buffer.normal_()
+        if self._kernel is not None:
+            return self._kernel()
         if self._entry is not None:  # the kernel writes the new state into the inputs and returns the loss
             return self._entry([*self._arguments])[0]
         if not self._looked_for_entry:
@@ -330,8 +474,94 @@ class TracedStep:
             return loss
         if self.engine == "compiled":  # an inference kernel of tensors that do not require gradients
             return self._function(*self._inputs)[0]
-        with torch.no_grad():  # the replayed graph's constants may require gradients: record nothing
-            return self._function(*self._inputs)[0]
+        # Replayed in inference mode: nothing recorded (the graph's constants may require gradients) and the
+        # cheapest dispatch PyTorch has (no version counters or views tracked for autograd's sake).
+        with torch.inference_mode():
+            return self._replay(*self._inputs)[0]
+
+    def _seconds_per_call(self) -> float:
+        """The median time of the step's graph as it runs now (C kernel or replay), on copies of its inputs: the
+        run's own tensors and the global random stream are untouched."""
+        example = self._example()
+        if self._kernel is not None:
+            trial = native.NativeKernel(self._kernel._library, self._kernel.generated, example)
+
+            def call() -> object:
+                return trial()
+        else:
+            device = self.parameters[0].device
+
+            def call() -> object:
+                with torch.inference_mode():
+                    result = self._replay(*example)
+                if device.type == "cuda":  # kernels launch asynchronously: time them to their end
+                    torch.cuda.synchronize(device)
+                return result
+        times = []
+        for _ in range(PLAN_TIMING_CALLS):
+            started = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times[1:])
+
+    def plan(self, steps: int | None) -> str:
+        """Decide, for a run of ``steps`` steps (None: as many as a stopping rule takes), whether TorchInductor
+        should compile the step, compile it if so, and say what was decided (for the fit's message).
+
+        Compiling pays back once the time it saves per step, this step's measured time less
+        :data:`INDUCTOR_CALL_SECONDS`, adds up to :data:`INDUCTOR_COMPILE_SECONDS`: the break-even number of
+        steps. Only a step traced with ``compile="auto"`` (``ppvi.fit``'s ``engine="auto"``) compiles, and only
+        for a fixed number of steps above the break-even: a stopping rule ends most fits after a few hundred to a
+        few thousand steps, which the number of steps cannot tell in advance.
+        """
+        if self.engine != "traced" or self._graph is None:
+            self.note = ""
+            return self.note
+        try:
+            per_call = self._seconds_per_call()
+        except Exception as error:  # the step fails on the timing's values (not the run's): plan nothing
+            self.note = f"{self.executor}; not timed ({type(error).__name__}), so not compiled"
+            return self.note
+        saving = per_call - INDUCTOR_CALL_SECONDS
+        break_even = math.inf if saving <= 0 else INDUCTOR_COMPILE_SECONDS / saving
+        how = (
+            f"steps run as one C kernel ({per_call * 1e6:.0f} us a step, built in {self.build_seconds:.2g} s)"
+            if self._kernel is not None else
+            f"steps replay the traced graph operation by operation ({per_call * 1e6:.0f} us a step; no C kernel: "
+            f"{self.native_reason})"
+        )
+        if not self._may_compile:
+            self.note = how
+            return self.note
+        if math.isinf(break_even):
+            decision = (
+                f"TorchInductor not used: its compiled step (about {INDUCTOR_CALL_SECONDS * 1e6:.0f} us) would be no "
+                "faster"
+            )
+        elif steps is not None and steps > break_even:
+            started = time.perf_counter()
+            self._compile()
+            decision = (
+                f"compiled by TorchInductor in {time.perf_counter() - started:.1f} s: {steps:,} steps pay its "
+                f"compilation back (about {INDUCTOR_COMPILE_SECONDS:g} s cold) after about {break_even:,.0f}"
+            )
+        else:
+            planned = f"the run asks for {steps:,}" if steps is not None else "a run stopped by its rule plans none"
+            decision = (
+                f"TorchInductor not used: its compilation (about {INDUCTOR_COMPILE_SECONDS:g} s cold) pays back "
+                f"after about {break_even:,.0f} steps; {planned}"
+            )
+        self.note = f"{how}; {decision}"
+        return self.note
+
+    def _compile(self) -> None:
+        """Replace the step's executor by the graph compiled with TorchInductor (same inputs, same arithmetic)."""
+        count = len(self.parameters)
+        example = tuple(tensor.detach().clone() for tensor in self._inputs[: 3 * count + 1])
+        self._function = _inductor_compile(copy.deepcopy(self._graph), example, self._draws)
+        self._kernel, self._replay = None, None
+        self.engine, self.executor = "compiled", "TorchInductor"
+        self._entry, self._looked_for_entry = None, False
 
     @property
     def calls_kernel_directly(self) -> bool:
@@ -347,7 +577,8 @@ def trace_step(
     *,
     epsilon: float = 1e-8,
     max_gradient_norm: float | None = None,
-    compile: bool = False,
+    compile: bool | Literal["auto"] = False,
+    native_kernel: bool = True,
 ) -> TracedStep:
     """Trace one Adam step on ``loss_function`` over the parameters of ``module`` into a single graph.
 
@@ -363,9 +594,13 @@ def trace_step(
         Adam's epsilon.
     max_gradient_norm : float, optional
         Clip the gradient to this norm before the update, as :func:`ppvi.training.update` does.
-    compile : bool
+    compile : bool or "auto"
         Compile the graph with TorchInductor (cold compilation takes tens of seconds on a small CPU; it pays on
-        long runs, not on a few hundred steps).
+        long runs, not on a few hundred steps). ``"auto"``: not now; :meth:`TracedStep.plan` compiles it once the
+        number of steps is known, where they pay the compilation back.
+    native_kernel : bool
+        Without ``compile``: run the graph as one C function (:mod:`ppvi.native`; a fraction of a second to build,
+        cached on disk) where it can be written out, else replay it operation by operation. False: always replay.
 
     Raises
     ------
@@ -423,9 +658,14 @@ def trace_step(
             torch.cuda.set_rng_state_all(cuda_state)
     draws = _lift_normal_draws(graph)
     function: Callable = graph
-    if compile:
+    if compile is True:
         function = _inductor_compile(graph, example, draws)
-    return TracedStep(function, parameters, draws, epsilon, "compiled" if compile else "traced")
+    else:  # what TorchInductor does for its own graph: constants folded, repeated terms computed once
+        native.simplify(graph)
+    return TracedStep(
+        function, parameters, draws, epsilon, "compiled" if compile is True else "traced", graph, native_kernel,
+        may_compile=compile == "auto",
+    )
 
 
 def tracing_failure(error: Exception) -> str:

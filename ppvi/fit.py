@@ -567,15 +567,15 @@ def _fit_one(
             engine, loss_function, guide_object, parameters, epsilon=epsilon, max_gradient_norm=max_gradient_norm,
             elbo=elbo, enumerated=enumerated, subsample_size=subsample_size,
         )
-        if step_function is not None:
-            engine_used = step_function.engine
-        elif reason is not None and isinstance(guide, str):  # a guide of the user's: Pyro's path is expected
+        if step_function is None and reason is not None and isinstance(guide, str):  # a guide of the user's: Pyro's
             notes.append(f"trained through Pyro (engine 'pyro'): {reason}")
         run = training.run(
             loss_function, parameters, learning_rate=learning_rate, steps=steps, rule=rule, schedule=schedule,
             progress=progress, epsilon=epsilon, max_gradient_norm=max_gradient_norm, step_function=step_function,
             stationary_from=getattr(elbo, "kl_warmup_steps", 0),  # a KL warm-up changes the objective until then
         )
+        if step_function is not None:  # after the run: the step's plan may have compiled it for the run's length
+            engine_used = step_function.engine
         converged = run.converged
         interrupted = run.interrupted_step is not None
         if run.diverged_step is not None:
@@ -639,9 +639,9 @@ def _traced_step(
         reason = "minibatches draw fresh indices at every step"
     else:
         try:
-            step = engines.trace_step(
+            step = engines.trace_step(  # "auto" compiles where the run's steps pay it back (TracedStep.plan)
                 loss_function, guide, parameters, epsilon=epsilon, max_gradient_norm=max_gradient_norm,
-                compile=engine == "compiled",
+                compile="auto" if engine == "auto" else engine == "compiled",
             )
             return step, None
         except engines.NotTraceableError as error:

@@ -165,10 +165,10 @@ class Stepper(NamedTuple):
     ----------
     update : callable
         ``(state, learning_rates) -> (state, losses)``: one step of every replication in the batch, each at its own
-        learning rate (``learning_rates``, a numpy array ``(A,)``); ``losses`` ``(A,)`` (a 0-dim tensor when
-        ``A = 1``) are the losses before the step, on the parameters' device, a tensor the stepper does not write
-        again (the loop keeps each step's until its next check). :data:`INVALID_LOSS` (by identity) asks the loop
-        to check the losses at once.
+        learning rate (``learning_rates``, a numpy array ``(A,)``); ``losses`` ``(A,)`` (a 0-dim tensor or a Python
+        float when ``A = 1``) are the losses before the step, on the parameters' device, a tensor the stepper does
+        not write again (the loop keeps each step's until its next check). :data:`INVALID_LOSS` (by identity) asks
+        the loop to check the losses at once.
     iterate : callable
         ``state -> tuple of torch.Tensor``, each ``(A, ...)``: the current iterate, in the coordinates the loop
         averages, saves and restores (a view of live parameters is allowed: the loop copies what it keeps).
@@ -223,12 +223,16 @@ class BatchResult(NamedTuple):
     seconds: float
 
 
-def _read_losses(recorded: list[torch.Tensor], count: int, device: torch.device) -> np.ndarray:
+def _read_losses(recorded: list[torch.Tensor | float], count: int, device: torch.device) -> np.ndarray:
     """The losses of ``count`` replications recorded at each step since the last check, ``(steps, count)`` float64
     on the host: one stack and one copy for the interval (a write into a preallocated tensor at every step cost
-    3 us a step, as much as the rest of the loop's bookkeeping for one fit)."""
+    3 us a step, as much as the rest of the loop's bookkeeping for one fit). Losses a stepper returned as Python
+    floats (one fit's C kernel, :class:`ppvi.engine.TracedStep`) need no copy at all."""
     if not recorded:
         return np.zeros((0, count))
+    if count == 1 and all(type(value) is float for value in recorded):
+        return np.asarray(recorded, dtype=np.float64).reshape(len(recorded), 1)
+    recorded = [torch.tensor(value, dtype=torch.float64) if type(value) is float else value for value in recorded]
     if any(value is INVALID_LOSS for value in recorded):  # a step that validation rejected took no step
         recorded = [
             torch.full((count,), math.nan, dtype=torch.float64, device=device) if value is INVALID_LOSS
@@ -387,9 +391,9 @@ def run_batch(
             state, loss = stepper.update(state, rates)
             recorded.append(loss)
             step += 1
-            if any_averaging:
+            if any_averaging:  # no detach: no_grad records nothing, and a stepper's iterate is usually detached
                 with torch.no_grad():
-                    torch._foreach_add_(list(sums), [value.detach() for value in stepper.iterate(state)])
+                    torch._foreach_add_(sums, stepper.iterate(state))
             due = len(recorded) == check_interval or step == next_end
             if not due and loss is not INVALID_LOSS:
                 continue
@@ -621,8 +625,8 @@ def update(
         The new state and the (detached) loss before the step; :data:`INVALID_LOSS` (and no step) when validation
         rejected a value (:func:`is_invalid_value_error`).
     """
-    if step_function is not None:
-        return state._replace(step=state.step + 1), step_function(learning_rate)
+    if step_function is not None:  # the state built directly: NamedTuple._replace costs a microsecond a step
+        return OptimizerState(state.step + 1, state.parameters, state.optimizer), step_function(learning_rate)
     for group in state.optimizer.param_groups:
         group["lr"] = learning_rate
     state.optimizer.zero_grad(set_to_none=True)
@@ -723,13 +727,21 @@ def run(
     rule = rule or StoppingRule()
     schedule_factor(schedule, 1)  # an unknown schedule is refused before anything is built
     state = init(parameters, learning_rate, epsilon)
+    # A traced step decides, now that the number of steps is known, whether compiling it pays (and says so).
+    plan = getattr(step_function, "plan", None)
+    planned = int(steps) if isinstance(steps, numbers.Integral) and not isinstance(steps, bool) else None
+    step_note = plan(planned) if callable(plan) else ""
 
     def one_update(state: OptimizerState, rates: np.ndarray) -> tuple[OptimizerState, torch.Tensor]:
         # Looked up at each call (not bound once), so that a test can stand in for it.
         return update(state, loss_function, float(rates[0]), max_gradient_norm, step_function)
 
+    # The parameters are updated in place, so views of them made once are the iterate at every step (the loop
+    # copies what it keeps): none of the per-step view-building that cost 1-2 us a parameter.
+    views = tuple(parameter.detach().unsqueeze(0) for parameter in state.parameters)
+
     def iterate(state: OptimizerState) -> tuple[torch.Tensor, ...]:
-        return tuple(parameter.detach().unsqueeze(0) for parameter in state.parameters)
+        return views
 
     result = run_batch(
         Stepper(one_update, iterate, lambda state, rows: state), state, 1, learning_rate=learning_rate, steps=steps,
@@ -753,6 +765,8 @@ def run(
         )
     else:
         message = f"reached max_steps={rule.max_steps} before the ELBO became stationary"
+    if step_note:
+        message = f"{message}; {step_note}"
     steps_taken = int(result.steps[0])
     return TrainingResult(
         result.losses[:steps_taken, 0].copy(), steps_taken, bool(result.converged[0]), result.seconds, message,

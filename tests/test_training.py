@@ -574,3 +574,53 @@ def test_a_warm_up_that_raises_the_loss_by_design_is_not_divergence():
     run = training.run(warming_loss, [parameter], learning_rate=0.05, steps=600, stationary_from=300)
     assert run.diverged_step is None and run.steps == 600
     assert abs(float(parameter.detach()) - 1.0) < 0.05
+
+
+# --- run: step functions (ppvi.engine.TracedStep) ------------------------------------------------------------------
+def _gradient_step(x: torch.Tensor, target: torch.Tensor, as_float: bool) -> Callable[[float], torch.Tensor | float]:
+    """A step function as a traced step is one: it updates ``x`` in place and returns the loss before the step."""
+
+    def step(learning_rate: float) -> torch.Tensor | float:
+        with torch.no_grad():
+            loss = ((x - target) ** 2).sum()
+            x.sub_(learning_rate * 2 * (x - target))
+        return float(loss) if as_float else loss
+
+    return step
+
+
+@pytest.mark.parametrize("steps", [150, None])
+def test_losses_returned_as_floats_train_as_losses_returned_as_tensors(steps):
+    """One fit's C kernel returns its losses as Python floats: the loop reads, checks and averages them as tensors."""
+    outcomes = []
+    for as_float in (False, True):
+        x = torch.zeros(3, requires_grad=True)
+        step = _gradient_step(x, torch.tensor([1.0, -1.0, 0.5]), as_float)
+        result = run(lambda: None, [x], learning_rate=0.05, steps=steps, rule=StoppingRule(window=40, max_steps=2000),
+                     step_function=step, progress=False)
+        outcomes.append((result, x.detach().clone()))
+    (tensors, x_tensors), (floats, x_floats) = outcomes
+    np.testing.assert_array_equal(floats.losses, tensors.losses)
+    assert (floats.steps, floats.converged, floats.message) == (tensors.steps, tensors.converged, tensors.message)
+    torch.testing.assert_close(x_floats, x_tensors, rtol=0, atol=0)
+
+
+def test_a_step_functions_plan_learns_the_steps_and_its_note_ends_the_message():
+    class Planned:
+        def __init__(self):
+            self.asked: list[int | None] = []
+
+        def plan(self, steps: int | None) -> str:
+            self.asked.append(steps)
+            return "steps run as a test double"
+
+        def __call__(self, learning_rate: float) -> float:
+            return 1.0
+
+    x = torch.zeros(1, requires_grad=True)
+    planned = Planned()
+    result = run(lambda: None, [x], learning_rate=0.1, steps=30, step_function=planned, progress=False)
+    assert result.message == "ran the requested 30 steps; steps run as a test double"
+    run(lambda: None, [x], learning_rate=0.1, rule=StoppingRule(window=24, max_steps=60), step_function=planned,
+        progress=False)
+    assert planned.asked == [30, None]  # a stopping rule: the number of steps is not known in advance
