@@ -34,6 +34,7 @@ __all__ = [
     "GaussianApproximation",
     "LogDensity",
     "ModelLogDensity",
+    "SolverResult",
     "covariance",
     "draw",
     "entropy",
@@ -600,3 +601,33 @@ def average(approximations: Sequence[GaussianApproximation]) -> GaussianApproxim
     loc = torch.stack([approximation.loc for approximation in approximations]).mean(0)
     covariance_matrix = torch.stack([covariance(approximation) for approximation in approximations]).mean(0)
     return GaussianApproximation(loc, safe_cholesky(covariance_matrix))
+
+
+class SolverResult(NamedTuple):
+    """Result of an iterative Gaussian solver's ``run`` (Batch-and-Match, Gaussian score matching).
+
+    Attributes
+    ----------
+    loc, scale_tril : torch.Tensor
+        The fitted Gaussian, in the coordinates of the log density.
+    iterations : int
+        Iterations taken.
+    gradient_evaluations : int
+        Points at which the gradient of ``log p`` was evaluated: ``B`` per iteration.
+    converged : bool
+        Whether the stopping rule held before ``max_iterations``.
+    elbo, score_divergence, step_divergence : torch.Tensor
+        Per-iteration traces of the solver's ``Info`` fields (float64, length ``iterations``).
+    message : str
+        How the run ended.
+    """
+
+    loc: torch.Tensor
+    scale_tril: torch.Tensor
+    iterations: int
+    gradient_evaluations: int
+    converged: bool
+    elbo: torch.Tensor
+    score_divergence: torch.Tensor
+    step_divergence: torch.Tensor
+    message: str

@@ -61,6 +61,7 @@ from ppvi.solvers._gaussian import (
     GaussianApproximation,
     LogDensity,
     MovementRule,
+    SolverResult,
     average,
     draw,
     entropy,
@@ -142,34 +143,8 @@ class BatchAndMatchInfo(NamedTuple):
     accepted: bool
 
 
-class BatchAndMatchResult(NamedTuple):
-    """Result of :func:`run`.
-
-    Attributes
-    ----------
-    loc, scale_tril : torch.Tensor
-        The fitted Gaussian, in the coordinates of the log density.
-    iterations : int
-        BaM iterations taken.
-    gradient_evaluations : int
-        Points at which the gradient of ``log p`` was evaluated: ``B`` per iteration.
-    converged : bool
-        Whether the stopping rule held before ``max_iterations``.
-    elbo, score_divergence, step_divergence : torch.Tensor
-        Per-iteration traces of the :class:`BatchAndMatchInfo` fields (float64, length ``iterations``).
-    message : str
-        How the run ended.
-    """
-
-    loc: torch.Tensor
-    scale_tril: torch.Tensor
-    iterations: int
-    gradient_evaluations: int
-    converged: bool
-    elbo: torch.Tensor
-    score_divergence: torch.Tensor
-    step_divergence: torch.Tensor
-    message: str
+#: Result of :func:`run`: the shared result of ppvi's Gaussian solvers (:class:`ppvi.solvers._gaussian.SolverResult`).
+BatchAndMatchResult = SolverResult
 
 
 def default_batch_size(dimension: int) -> int:

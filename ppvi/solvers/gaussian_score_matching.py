@@ -39,6 +39,7 @@ from ppvi.solvers._gaussian import (
     GaussianApproximation,
     LogDensity,
     MovementRule,
+    SolverResult,
     average,
     draw,
     entropy,
@@ -87,18 +88,8 @@ class GaussianScoreMatchingInfo(NamedTuple):
     accepted: bool
 
 
-class GaussianScoreMatchingResult(NamedTuple):
-    """Result of :func:`run`: as :class:`ppvi.solvers.batch_and_match.BatchAndMatchResult`."""
-
-    loc: torch.Tensor
-    scale_tril: torch.Tensor
-    iterations: int
-    gradient_evaluations: int
-    converged: bool
-    elbo: torch.Tensor
-    score_divergence: torch.Tensor
-    step_divergence: torch.Tensor
-    message: str
+#: Result of :func:`run`: the shared result of ppvi's Gaussian solvers (:class:`ppvi.solvers._gaussian.SolverResult`).
+GaussianScoreMatchingResult = SolverResult
 
 
 def default_batch_size(dimension: int) -> int:
