@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -75,6 +76,9 @@ def simulate(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def timed(function) -> tuple[float, object]:
+    """Seconds of one call, after collecting the garbage of the calls before it (so that no call pays for
+    another's)."""
+    gc.collect()
     started = time.perf_counter()
     value = function()
     return time.perf_counter() - started, value
