@@ -204,16 +204,6 @@ def particle_shape_problems(trace: poutine.Trace, num_draws: int, max_plate_nest
     return problems
 
 
-def _agrees(batched: torch.Tensor, reference: torch.Tensor) -> bool:
-    """The batched log densities equal the one-at-a-time ones up to the round-off of summing the same terms in
-    another order: ``sqrt(eps)`` of their magnitude, far below the O(1)-nat errors of a model that mixes draws."""
-    if batched.shape != reference.shape:
-        return False
-    tolerance = torch.finfo(reference.dtype).eps ** 0.5 * reference.abs().clamp(min=1.0)
-    same_nonfinite = ~torch.isfinite(reference) & (batched == reference)
-    return bool(((batched - reference).abs() <= tolerance).logical_or(same_nonfinite).all())
-
-
 def choose_strategy(
     model: Callable, guide: PreconditionedGuide, args: tuple, kwargs: dict, max_plate_nesting: int
 ) -> Vectorization:
@@ -231,10 +221,10 @@ def choose_strategy(
         try:
             total, _, trace = _broadcast(model, guide, args, kwargs, max_plate_nesting)(latent)
         except (ValueError, RuntimeError, IndexError, TypeError) as error:
-            reason = f"it does not broadcast over a batch of draws ({_first_line(error)})"
+            reason = f"it does not broadcast over a batch of draws ({first_line(error)})"
         else:
             problems = particle_shape_problems(trace, PROBE_DRAWS, max_plate_nesting)
-            if not problems and _agrees(total, reference):
+            if not problems and log_densities_agree(total, reference):
                 return Vectorization("broadcast", "")
             reason = "; ".join(problems) or (
                 "its log densities over a batch of draws differ from those of the same draws one at a time"
@@ -242,29 +232,27 @@ def choose_strategy(
         try:
             batched, _ = torch.func.vmap(single, randomness="different")(latent)
         except Exception as error:  # noqa: BLE001 - any failure of vmap means: one draw at a time
-            return Vectorization("sequential", f"{reason}, and torch.func.vmap cannot batch it ({_first_line(error)})")
-        if not _agrees(batched, reference):
+            return Vectorization("sequential", f"{reason}, and torch.func.vmap cannot batch it ({first_line(error)})")
+        if not log_densities_agree(batched, reference):
             return Vectorization("sequential", f"{reason}, and torch.func.vmap changes its log densities")
         return Vectorization("vmap", reason)
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """``"ErrorType: first line of its message"``: an error, short enough for a reason or a refusal."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
-def first_line(error: BaseException) -> str:
-    """``"ErrorType: first line of its message"``: an error, short enough for a reason or a refusal."""
-    return _first_line(error)
-
-
 def log_densities_agree(batched: torch.Tensor, reference: torch.Tensor) -> bool:
     """Whether batched log densities equal one-at-a-time ones up to the round-off of summing the same terms in
-    another order (the test :func:`choose_strategy` applies), a NaN in both at the same place counting as equal."""
+    another order: ``sqrt(eps)`` of their magnitude, far below the O(1)-nat errors of a model that mixes draws. The
+    same infinity, or a NaN, in both at the same place counts as equal."""
     if batched.shape != reference.shape:
         return False
-    both_nan = batched.isnan() & reference.isnan()
-    return _agrees(batched.masked_fill(both_nan, 0.0), reference.masked_fill(both_nan, 0.0))
+    tolerance = torch.finfo(reference.dtype).eps ** 0.5 * reference.abs().clamp(min=1.0)
+    same_nonfinite = ~torch.isfinite(reference) & ((batched == reference) | (batched.isnan() & reference.isnan()))
+    return bool(((batched - reference).abs() <= tolerance).logical_or(same_nonfinite).all())
 
 
 #: torch's in-place random fills. torch's and Pyro's samplers draw their noise with them on a tensor they have just
