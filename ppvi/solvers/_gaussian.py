@@ -35,6 +35,7 @@ __all__ = [
     "LogDensity",
     "ModelLogDensity",
     "SolverResult",
+    "iterate_until_settled",
     "covariance",
     "draw",
     "entropy",
@@ -631,3 +632,37 @@ class SolverResult(NamedTuple):
     score_divergence: torch.Tensor
     step_divergence: torch.Tensor
     message: str
+
+
+def iterate_until_settled(
+    state: Any, advance: Callable[[Any], tuple[Any, Any]], max_iterations: int, stopping_rule: MovementRule | None
+) -> SolverResult:
+    """The loop of an iterative Gaussian solver's ``run`` (Batch-and-Match, Gaussian score matching): ``advance``
+    the state until ``stopping_rule`` holds or ``max_iterations`` pass, and return the average of the last
+    ``stopping_rule.window`` iterates (:func:`average`) with the traces of each step's ``Info``.
+
+    ``state`` has ``loc``, ``scale_tril``, ``iteration`` and ``gradient_evaluations``; ``advance(state)`` returns the
+    next state and an ``Info`` with ``elbo``, ``score_divergence`` and ``step_divergence``.
+    """
+    rule = MovementRule() if stopping_rule is None else stopping_rule
+    elbo, score_divergence, movement = [], [], []
+    iterates = [GaussianApproximation(state.loc, state.scale_tril)]
+    converged, message = False, f"stopped at max_iterations={max_iterations}"
+    for _ in range(max_iterations):
+        state, info = advance(state)
+        elbo.append(info.elbo)
+        score_divergence.append(info.score_divergence)
+        movement.append(info.step_divergence)
+        iterates = [*iterates[-rule.window :], GaussianApproximation(state.loc, state.scale_tril)]
+        if rule.holds(iterates, movement):
+            converged, message = True, rule.describe(len(movement))
+            break
+    final = average(iterates[-rule.window :])
+
+    def as_tensor(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float64)
+
+    return SolverResult(
+        final.loc, final.scale_tril, state.iteration, state.gradient_evaluations, converged,
+        as_tensor(elbo), as_tensor(score_divergence), as_tensor(movement), message,
+    )

@@ -62,11 +62,11 @@ from ppvi.solvers._gaussian import (
     LogDensity,
     MovementRule,
     SolverResult,
-    average,
     draw,
     entropy,
     finite_rows,
     initial_gaussian,
+    iterate_until_settled,
     jeffreys_divergence,
     lower_factor_of_product,
     safe_cholesky,
@@ -347,24 +347,11 @@ def run(
     else:
         constant = float(learning_rate)
         schedule = lambda iteration: constant  # noqa: E731
-    rule = MovementRule() if stopping_rule is None else stopping_rule
-    elbo, score_divergence, movement = [], [], []
-    iterates = [GaussianApproximation(state.loc, state.scale_tril)]
-    converged, message = False, f"stopped at max_iterations={max_iterations}"
-    for _ in range(max_iterations):
-        state, info = step(
+    return iterate_until_settled(
+        state,
+        lambda state: step(
             state, log_density, generator, batch_size=batch_size, learning_rate=schedule(state.iteration)
-        )
-        elbo.append(info.elbo)
-        score_divergence.append(info.score_divergence)
-        movement.append(info.step_divergence)
-        iterates = [*iterates[-rule.window :], GaussianApproximation(state.loc, state.scale_tril)]
-        if rule.holds(iterates, movement):
-            converged, message = True, rule.describe(len(movement))
-            break
-    final = average(iterates[-rule.window :])
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
-    return BatchAndMatchResult(
-        final.loc, final.scale_tril, state.iteration, state.gradient_evaluations, converged,
-        as_tensor(elbo), as_tensor(score_divergence), as_tensor(movement), message,
+        ),
+        max_iterations,
+        stopping_rule,
     )

@@ -40,11 +40,11 @@ from ppvi.solvers._gaussian import (
     LogDensity,
     MovementRule,
     SolverResult,
-    average,
     draw,
     entropy,
     finite_rows,
     initial_gaussian,
+    iterate_until_settled,
     jeffreys_divergence,
     safe_cholesky,
     value_and_gradient,
@@ -196,22 +196,6 @@ def run(
     batch_size = default_batch_size(dimension) if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    rule = MovementRule() if stopping_rule is None else stopping_rule
-    elbo, score_divergence, movement = [], [], []
-    iterates = [GaussianApproximation(state.loc, state.scale_tril)]
-    converged, message = False, f"stopped at max_iterations={max_iterations}"
-    for _ in range(max_iterations):
-        state, info = step(state, log_density, generator, batch_size=batch_size)
-        elbo.append(info.elbo)
-        score_divergence.append(info.score_divergence)
-        movement.append(info.step_divergence)
-        iterates = [*iterates[-rule.window :], GaussianApproximation(state.loc, state.scale_tril)]
-        if rule.holds(iterates, movement):
-            converged, message = True, rule.describe(len(movement))
-            break
-    final = average(iterates[-rule.window :])
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
-    return GaussianScoreMatchingResult(
-        final.loc, final.scale_tril, state.iteration, state.gradient_evaluations, converged,
-        as_tensor(elbo), as_tensor(score_divergence), as_tensor(movement), message,
+    return iterate_until_settled(
+        state, lambda state: step(state, log_density, generator, batch_size=batch_size), max_iterations, stopping_rule
     )
